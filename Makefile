@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: setup demo test lint format lab bench clean
+.PHONY: setup chromium demo test lint format lab clean
 
 setup: $(STAMP)
 
@@ -17,10 +17,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e '.[notebooks,dev]'
 	touch $(STAMP)
 
+# Browser tests drive Debian's chromium (never a downloaded browser). Install it where missing;
+# where that is impossible (no root, no apt) the browser tests skip and say why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; browser tests will skip"; \
+	  else echo "warning: chromium missing and cannot apt-get install it; browser tests will skip"; fi; }
+
 demo: setup
 	$(PY) -m diagnostics demo --out runs/demo
 
-test: setup
+test: setup chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
