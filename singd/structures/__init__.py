@@ -1,0 +1,66 @@
+"""Structured matrices for SINGD's Kronecker factors, and the name registry.
+
+``structure(name)`` returns the class for a structure name (parametric names such as
+``"block30diagonal"`` or ``"hierarchical15_15"`` give a cached class with its parameters
+bound, so ``structure(n) is structure(n)``); ``names()`` lists valid example names and
+``FORMS`` the accepted name forms.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+from singd.structures.base import StructuredMatrix
+from singd.structures.dense import Dense
+from singd.structures.diagonal import Diagonal
+
+__all__ = [
+    "FORMS",
+    "Dense",
+    "Diagonal",
+    "StructuredMatrix",
+    "names",
+    "structure",
+]
+
+_FIXED: dict[str, type[StructuredMatrix]] = {
+    "dense": Dense,
+    "diagonal": Diagonal,
+}
+
+#: Every accepted name form; ``{N}``, ``{K1}``, ``{K2}`` are positive integers.
+FORMS: tuple[str, ...] = tuple(_FIXED)
+
+_EXAMPLES: tuple[str, ...] = ()
+_PARAMETRIC: list[tuple[re.Pattern[str], object]] = []
+
+
+def names() -> tuple[str, ...]:
+    """Canonical structure names: the fixed ones plus one example of each parametric form."""
+    return (*_FIXED, *_EXAMPLES)
+
+
+@cache
+def _lookup(name: str) -> type[StructuredMatrix]:
+    """Resolve a name to its (cached) class, or raise ValueError listing the valid forms."""
+    if name in _FIXED:
+        return _FIXED[name]
+    for pattern, make in _PARAMETRIC:
+        match = pattern.fullmatch(name)
+        if match:
+            return make(*(int(g) for g in match.groups()))
+    raise ValueError(
+        f"unknown structure {name!r}; valid forms: {', '.join(FORMS)} "
+        "(N, K1, K2 positive integers without leading zeros, e.g. 'block30diagonal', "
+        "'hierarchical15_15')"
+    )
+
+
+def structure(name: str | type[StructuredMatrix]) -> type[StructuredMatrix]:
+    """The structured-matrix class for ``name`` (a class is returned unchanged)."""
+    if isinstance(name, type) and issubclass(name, StructuredMatrix) and name.name:
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"structure name must be a str, got {type(name).__name__}")
+    return _lookup(name)
