@@ -12,14 +12,26 @@ import re
 from functools import cache
 
 from singd.structures.base import StructuredMatrix
+from singd.structures.block import BlockDiagonal, block_diagonal_class
 from singd.structures.dense import Dense
 from singd.structures.diagonal import Diagonal
+from singd.structures.hierarchical import Hierarchical, hierarchical_class
+from singd.structures.toeplitz import TriangularToeplitz, TrilToeplitz, TriuToeplitz
+from singd.structures.triangular import Triangular, Tril, Triu
 
 __all__ = [
     "FORMS",
+    "BlockDiagonal",
     "Dense",
     "Diagonal",
+    "Hierarchical",
     "StructuredMatrix",
+    "Triangular",
+    "TriangularToeplitz",
+    "Tril",
+    "TrilToeplitz",
+    "Triu",
+    "TriuToeplitz",
     "names",
     "structure",
 ]
@@ -27,13 +39,21 @@ __all__ = [
 _FIXED: dict[str, type[StructuredMatrix]] = {
     "dense": Dense,
     "diagonal": Diagonal,
+    "triltoeplitz": TrilToeplitz,
+    "triutoeplitz": TriuToeplitz,
+    "tril": Tril,
+    "triu": Triu,
 }
 
 #: Every accepted name form; ``{N}``, ``{K1}``, ``{K2}`` are positive integers.
-FORMS: tuple[str, ...] = tuple(_FIXED)
+FORMS: tuple[str, ...] = (*_FIXED, "block{N}diagonal", "hierarchical{K1}_{K2}")
 
-_EXAMPLES: tuple[str, ...] = ()
-_PARAMETRIC: list[tuple[re.Pattern[str], object]] = []
+#: Parametric forms: a full-match pattern and the factory taking the parsed integers.
+_PARAMETRIC = (
+    (re.compile(r"block([1-9][0-9]*)diagonal"), block_diagonal_class),
+    (re.compile(r"hierarchical([1-9][0-9]*)_([1-9][0-9]*)"), hierarchical_class),
+)
+_EXAMPLES: tuple[str, ...] = ("block30diagonal", "hierarchical15_15")
 
 
 def names() -> tuple[str, ...]:

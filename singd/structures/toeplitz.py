@@ -1,0 +1,176 @@
+"""Triangular Toeplitz structures ``triltoeplitz`` and ``triutoeplitz``: one value per diagonal.
+
+A lower triangular Toeplitz matrix has ``S[i, j] = t[i - j]`` for ``i >= j`` (zero above);
+the upper one ``S[i, j] = t[j - i]`` for ``j >= i``. Both are stored as the coefficient
+vector ``t`` of length ``d``. Lower (upper) triangular Toeplitz matrices commute and their
+product has the truncated convolution of the coefficients, so the pattern is closed.
+
+Products with dense ``X`` are causal convolutions along the rows, done by FFT in
+``O(n d log d)`` (dense ``d x d`` only below ``_DENSE_BELOW``, where that is faster). ``Pi``
+needs only the diagonal sums of the symmetric matrix, which for ``M = Y Y^T`` are the
+autocorrelations of the columns of ``Y`` (FFT again). The FFTs run in float32 for half
+precision inputs (CPU FFT refuses them) and in the input dtype otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from singd.structures.base import Scalar, StructuredMatrix
+
+#: Sizes below which products use the dense ``d x d`` Toeplitz matrix (faster there).
+_DENSE_BELOW = 128
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the FFTs run in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fft_size(d: int) -> int:
+    """An FFT length >= 2d - 1 (no wrap-around) with small prime factors."""
+    n = 2 * d - 1
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+class TriangularToeplitz(StructuredMatrix):
+    """Triangular Toeplitz matrix stored as its coefficient vector ``t`` of shape ``(dim,)``."""
+
+    lower: ClassVar[bool] = True
+    _fields = ("t",)
+    t: Tensor
+
+    def __init__(self, t: Tensor) -> None:
+        """Wrap the coefficients: ``t[k]`` is the value on the k-th sub- (super-) diagonal."""
+        if not isinstance(t, Tensor) or t.ndim != 1 or t.shape[0] < 1:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{self.name}: t must be a 1-d tensor of length >= 1, got {shape}")
+        self.dim = t.shape[0]
+        self._validate(t)
+
+    @classmethod
+    def _shapes(cls, dim: int) -> tuple[tuple[int, ...], ...]:
+        return ((dim,),)
+
+    # ------------------------------------------------------------------ Pi
+    @classmethod
+    def _project(cls, diag_sums: Tensor, dtype: torch.dtype) -> TriangularToeplitz:
+        """Pi from the diagonal sums ``D_k = sum_j M[j + k, j]`` of a symmetric M.
+
+        Off-diagonal entries are one-sided (doubled) and each diagonal is one tied value
+        (averaged over its ``d - k`` entries): ``t_0 = D_0 / d``, ``t_k = 2 D_k / (d - k)``.
+        """
+        d = diag_sums.shape[0]
+        weights = torch.arange(d, 0, -1, dtype=diag_sums.dtype, device=diag_sums.device)
+        weights = weights.reciprocal_().mul_(2)
+        weights[0] = 0.5 * weights[0]
+        return cls._wrap(d, (diag_sums * weights).to(dtype))
+
+    @classmethod
+    def _from_dense(cls, mat: Tensor) -> TriangularToeplitz:
+        d = mat.shape[0]
+        side = mat if cls.lower else mat.T
+        idx = torch.arange(d, device=mat.device)
+        offset = idx.unsqueeze(1) - idx.unsqueeze(0)  # i - j
+        keep = offset >= 0
+        sums = torch.zeros(d, dtype=_fft_dtype(mat.dtype), device=mat.device)
+        sums.index_add_(0, offset[keep], side[keep].to(sums.dtype))
+        return cls._project(sums, mat.dtype)
+
+    # ------------------------------------------------------------------ helpers
+    def _dense_lower(self) -> Tensor:
+        """The dense lower triangular Toeplitz matrix with coefficients ``t``."""
+        d = self.dim
+        idx = torch.arange(d, device=self.t.device)
+        offset = idx.unsqueeze(1) - idx.unsqueeze(0)
+        return torch.where(offset >= 0, self.t[offset.clamp_(min=0)], 0)
+
+    def _apply_lower(self, X: Tensor, transpose: bool) -> Tensor:
+        """``L X`` or ``L^T X`` for the lower Toeplitz ``L`` with coefficients ``t``."""
+        d = self.dim
+        if d < _DENSE_BELOW:
+            L = self._dense_lower()
+            return (L.T if transpose else L) @ X
+        n = _fft_size(d)
+        ftype = _fft_dtype(X.dtype)
+        ft = torch.fft.rfft(self.t.to(ftype), n)
+        if transpose:  # correlation: (L^T X)[i] = sum_j t[j - i] X[j]
+            ft = ft.conj()
+        fx = torch.fft.rfft(X.to(ftype), n, dim=0)
+        fx.mul_(ft.unsqueeze(1))
+        return torch.fft.irfft(fx, n, dim=0)[:d].to(X.dtype)
+
+    def _apply(self, X: Tensor, transpose: bool) -> Tensor:
+        """``S X`` (or ``S^T X``); the upper matrix is the transpose of the lower one."""
+        return self._apply_lower(X, transpose != (not self.lower))
+
+    # ------------------------------------------------------------------ interface
+    def to_dense(self) -> Tensor:
+        L = self._dense_lower()
+        return L if self.lower else L.T.contiguous()
+
+    def diag_add_(self, value: Scalar) -> TriangularToeplitz:
+        self.t[0].add_(value)
+        return self
+
+    def average_trace(self) -> Tensor:
+        return self.t[0].clone()
+
+    def infinity_vector_norm(self) -> Tensor:
+        return self.t.abs().max()
+
+    def _matmul(self, other: TriangularToeplitz) -> TriangularToeplitz:
+        # Coefficients of the product: first d terms of the convolution t * t'.
+        # (Upper: S_u(t) = J S_l(t) J, so the same formula holds.)
+        d = self.dim
+        if d < _DENSE_BELOW:
+            coeffs = self._dense_lower() @ other.t
+        else:
+            n = _fft_size(d)
+            ftype = _fft_dtype(self.dtype)
+            prod = torch.fft.rfft(self.t.to(ftype), n) * torch.fft.rfft(other.t.to(ftype), n)
+            coeffs = torch.fft.irfft(prod, n)[:d].to(self.dtype)
+        return self._wrap(d, coeffs)
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self._apply(X, transpose=False)
+
+    def _rmatmat(self, X: Tensor) -> Tensor:
+        return self._apply(X, transpose=True)
+
+    def _from_inner(self, X: Tensor) -> TriangularToeplitz:
+        # D_k = sum_j (Y Y^T)[j + k, j] = sum over columns of the autocorrelation of Y.
+        d = self.dim
+        Y = self._apply(X, transpose=True)
+        n = _fft_size(d)
+        fy = torch.fft.rfft(Y.to(_fft_dtype(Y.dtype)), n, dim=0)
+        power = torch.view_as_real(fy).square().sum(dim=(1, 2))
+        sums = torch.fft.irfft(power.to(fy.dtype), n)[:d]
+        return self._project(sums, self.dtype)
+
+    def _from_inner_eye(self) -> TriangularToeplitz:
+        # For S = S_l(t) (or S_u(t)): D_k = sum_p t_p u_{p+k} with u_q = (d - q) t_q.
+        d = self.dim
+        ftype = _fft_dtype(self.dtype)
+        t = self.t.to(ftype)
+        u = t * torch.arange(d, 0, -1, dtype=ftype, device=t.device)
+        n = _fft_size(d)
+        corr = torch.fft.rfft(t, n).conj() * torch.fft.rfft(u, n)
+        return self._project(torch.fft.irfft(corr, n)[:d], self.dtype)
+
+
+class TrilToeplitz(TriangularToeplitz):
+    """Lower triangular Toeplitz: ``S[i, j] = t[i - j]`` for ``i >= j``."""
+
+    name = "triltoeplitz"
+    lower = True
+
+
+class TriuToeplitz(TriangularToeplitz):
+    """Upper triangular Toeplitz: ``S[i, j] = t[j - i]`` for ``j >= i``."""
+
+    name = "triutoeplitz"
+    lower = False
