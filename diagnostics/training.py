@@ -69,7 +69,8 @@ class TrainResult:
     ``time_per_step`` is the mean wall time of forward + backward + step in seconds,
     first step excluded (warm-up). ``peak_memory_bytes`` is the process peak resident
     memory while training (VmHWM, reset at the start, Linux) or
-    ``torch.cuda.max_memory_allocated`` on CUDA; ``peak_memory_increase_bytes`` subtracts
+    ``torch.cuda.max_memory_allocated`` on CUDA; ``skipped_steps`` counts steps a
+    GradScaler skipped (fp16-autocast) and ``grad_scale`` is its final scale (else None); ``peak_memory_increase_bytes`` subtracts
     the resident memory at the start. ``optimizer_state_bytes`` is the total of
     ``optimizer.state_bytes()`` for SINGD/KFAC and of all state tensors otherwise, with
     its per-component breakdown in ``state_bytes``. ``recording`` is the
@@ -93,6 +94,7 @@ class TrainResult:
     nan_events: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
     skipped_steps: int = 0
+    grad_scale: float | None = None
     time_per_step: float = float("nan")
     total_time: float = float("nan")
     peak_memory_bytes: int = 0
@@ -439,6 +441,8 @@ def train(
         x, y = data.split(split)
         acc = evaluate(model, x, y, dtype=dtype, context=fwd_context)
         setattr(result, f"{split}_accuracy", acc)
+    if scaler is not None:
+        result.grad_scale = float(scaler.get_scale())
     result.state_bytes = optimizer_state_bytes(opt)
     result.optimizer_state_bytes = sum(sum(c.values()) for c in result.state_bytes.values())
     if recorder is not None:

@@ -1,0 +1,128 @@
+"""Tests for the shared training function ``diagnostics.training.train``."""
+
+import math
+
+import pytest
+import torch
+
+from diagnostics.training import OPTIMIZERS, PRECISIONS, LinearWarmup, train
+
+
+def test_adamw_learns_digits_mlp_well_above_chance():
+    result = train("mlp", "adamw", epochs=3, progress=False)
+    assert result.test_accuracy > 0.85
+    assert result.losses[-1] < result.losses[0]
+    assert result.steps == len(result.losses)
+    assert len(result.val_accuracy_curve) == 3
+    assert not result.diverged and result.nan_event_count == 0
+
+
+def test_same_seed_reproduces_the_run_and_another_seed_does_not():
+    a = train("mlp", "sgd", steps=15, seed=1, progress=False)
+    b = train("mlp", "sgd", steps=15, seed=1, progress=False)
+    c = train("mlp", "sgd", steps=15, seed=2, progress=False)
+    assert a.losses == b.losses
+    assert a.losses != c.losses
+
+
+def test_steps_count_optimizer_steps_across_epoch_boundaries():
+    result = train("mlp", "sgd", steps=25, batch_size=100, progress=False)
+    assert result.steps == 25
+    assert math.isclose(result.epochs_completed, 25 / 12)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_mode_trains_with_finite_losses(precision):
+    workload = "mlp"
+    result = train(workload, "adamw", precision=precision, steps=12, progress=False)
+    assert all(math.isfinite(v) for v in result.losses)
+    expected = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    assert {p.dtype for p in result.model.parameters()} == {expected}
+    assert result.test_accuracy > 0.2
+
+
+def test_bf16_pure_keeps_optimizer_state_in_bf16_and_halves_its_bytes():
+    fp32 = train("mlp", "adamw", steps=3, progress=False)
+    bf16 = train("mlp", "adamw", precision="bf16-pure", steps=3, progress=False)
+    dtypes = {
+        v.dtype
+        for s in bf16.optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    }
+    assert dtypes == {torch.bfloat16}
+    assert bf16.optimizer_state_bytes * 2 == fp32.optimizer_state_bytes
+
+
+def test_adamw_state_bytes_count_both_moments_of_every_parameter():
+    result = train("mlp", "adamw", steps=2, progress=False)
+    param_bytes = sum(p.numel() * p.element_size() for p in result.model.parameters())
+    assert result.optimizer_state_bytes == 2 * param_bytes
+
+
+def test_fp16_autocast_trains_through_a_grad_scaler_and_only_there():
+    result = train("mlp", "sgd", precision="fp16-autocast", steps=6, progress=False)
+    assert all(math.isfinite(v) for v in result.losses)
+    assert result.grad_scale is not None and result.grad_scale > 1
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert (
+        train("mlp", "sgd", precision="bf16-autocast", steps=2, progress=False).grad_scale is None
+    )
+
+
+def test_divergence_stops_the_run_and_is_recorded_without_raising():
+    result = train("mlp", "sgd", lr=1e6, steps=30, progress=False)
+    assert result.diverged and result.stopped_early
+    assert result.nan_events[0]["where"] == "loss"
+    assert result.steps < 30
+    assert math.isnan(result.losses[-1])
+
+
+def test_divergence_with_continue_runs_all_steps_and_records_each_event():
+    result = train("mlp", "sgd", lr=1e6, steps=30, on_nan="continue", progress=False)
+    assert result.steps == 30 and not result.stopped_early
+    loss_events = [e for e in result.nan_events if e["where"] == "loss"]
+    assert len(loss_events) == sum(math.isnan(v) for v in result.losses) > 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optimizer": "adam"}, "optimizer must be one of 'adamw', 'sgd'"),
+        ({"precision": "fp16"}, "precision must be one of 'fp32'"),
+        ({"workload": "resnet"}, "workload must be one of 'mlp'"),
+        ({"on_nan": "ignore"}, "on_nan must be one of 'stop', 'continue'"),
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"steps": 3, "epochs": 1}, "at most one of epochs and steps"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"lr_cov_warmup": 5}, "lr_cov_warmup applies only"),
+    ],
+)
+def test_invalid_arguments_raise_value_errors_listing_valid_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train(**{"progress": False, **kwargs})
+
+
+def test_progress_bar_writes_to_stderr_when_on_and_not_when_off(capsys):
+    train("mlp", "sgd", steps=3, progress=False)
+    assert "mlp/sgd" not in capsys.readouterr().err
+    train("mlp", "sgd", steps=3, progress=True)
+    assert "mlp/sgd" in capsys.readouterr().err
+
+
+def test_summary_row_holds_the_reported_metrics():
+    row = train("cnn", "adamw", steps=4, progress=False).summary()
+    for key in ("test_accuracy", "time_per_step", "peak_memory_bytes", "nan_events", "lr"):
+        assert key in row
+    assert row["time_per_step"] > 0 and row["peak_memory_bytes"] > 0
+
+
+def test_linear_warmup_ramps_to_its_peak():
+    w = LinearWarmup(0.1, 10)
+    assert math.isclose(w(0), 0.01) and math.isclose(w(9), 0.1) and w(100) == 0.1
+    with pytest.raises(ValueError, match="warm-up steps"):
+        LinearWarmup(0.1, 0)
+
+
+def test_optimizer_names_are_the_documented_ones():
+    assert OPTIMIZERS == ("adamw", "sgd", "kfac", "singd", "ikfac")
