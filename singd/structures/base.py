@@ -55,13 +55,18 @@ class StructuredMatrix(ABC):
             setattr(obj, field, tensor)
         return obj
 
-    def _validate(self, *tensors: Tensor) -> None:
-        """Check the stored tensors against ``_shapes(self.dim)`` and set them as attributes."""
-        if not self.name:
+    @classmethod
+    def _check_concrete(cls) -> None:
+        """Raise unless this is a concrete structure (parametric families are not)."""
+        if not cls.name:
             raise TypeError(
-                f"{type(self).__name__} is a family, not a structure: get a concrete class "
+                f"{cls.__name__} is a family, not a structure: get a concrete class "
                 "with singd.structures.structure(name), e.g. structure('block30diagonal')"
             )
+
+    def _validate(self, *tensors: Tensor) -> None:
+        """Check the stored tensors against ``_shapes(self.dim)`` and set them as attributes."""
+        self._check_concrete()
         for tensor, field in zip(tensors, self._fields):
             if not isinstance(tensor, Tensor):
                 raise TypeError(f"{self.name}: stored tensor {field!r} must be a torch.Tensor")
@@ -95,6 +100,7 @@ class StructuredMatrix(ABC):
         cls, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> StructuredMatrix:
         """The zero matrix of size ``dim`` in this structure."""
+        cls._check_concrete()
         dim = cls._check_dim(dim)
         tensors = [torch.zeros(s, dtype=dtype, device=device) for s in cls._shapes(dim)]
         return cls._wrap(dim, *tensors)

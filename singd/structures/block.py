@@ -28,6 +28,7 @@ class BlockDiagonal(StructuredMatrix):
 
     def __init__(self, blocks: Tensor, last: Tensor) -> None:
         """Wrap the full blocks ``(nb, N, N)`` and the last block ``(dim % N, dim % N)``."""
+        self._check_concrete()
         for arg, t, nd in (("blocks", blocks, 3), ("last", last, 2)):
             if not isinstance(t, Tensor) or t.ndim != nd:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__

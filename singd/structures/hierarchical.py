@@ -39,6 +39,7 @@ class Hierarchical(StructuredMatrix):
 
     def __init__(self, A: Tensor, B: Tensor, c: Tensor, D: Tensor, E: Tensor) -> None:
         """Wrap the five stored tensors (not copied); ``dim = A.shape[0] + B.shape[1]``."""
+        self._check_concrete()
         if not (isinstance(A, Tensor) and isinstance(B, Tensor)) or A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"{self.name}: A and B must be 2-d tensors")
         self.dim = A.shape[0] + B.shape[1]
