@@ -88,24 +88,31 @@ class TriangularToeplitz(StructuredMatrix):
         offset = idx.unsqueeze(1) - idx.unsqueeze(0)
         return torch.where(offset >= 0, self.t[offset.clamp_(min=0)], 0)
 
-    def _apply_lower(self, X: Tensor, transpose: bool) -> Tensor:
-        """``L X`` or ``L^T X`` for the lower Toeplitz ``L`` with coefficients ``t``."""
-        d = self.dim
-        if d < _DENSE_BELOW:
-            L = self._dense_lower()
-            return (L.T if transpose else L) @ X
-        n = _fft_size(d)
-        ftype = _fft_dtype(X.dtype)
-        ft = torch.fft.rfft(self.t.to(ftype), n)
+    def _fft_lower_rows(self, Xt: Tensor, transpose: bool) -> Tensor:
+        """``(L X)^T`` or ``(L^T X)^T`` by FFT, given ``Xt = X^T`` contiguous in the FFT dtype.
+
+        Works along the last (contiguous) axis; returns a ``(n, d)`` view in the FFT dtype.
+        """
+        n = _fft_size(self.dim)
+        ft = torch.fft.rfft(self.t.to(Xt.dtype), n)
         if transpose:  # correlation: (L^T X)[i] = sum_j t[j - i] X[j]
             ft = ft.conj()
-        fx = torch.fft.rfft(X.to(ftype), n, dim=0)
-        fx.mul_(ft.unsqueeze(1))
-        return torch.fft.irfft(fx, n, dim=0)[:d].to(X.dtype)
+        fx = torch.fft.rfft(Xt, n, dim=1)
+        fx.mul_(ft)
+        return torch.fft.irfft(fx, n, dim=1)[:, : self.dim]
+
+    def _apply_lower(self, X: Tensor, transpose: bool) -> Tensor:
+        """``L X`` or ``L^T X`` for the lower Toeplitz ``L`` with coefficients ``t``."""
+        if self.dim < _DENSE_BELOW:
+            L = self._dense_lower()
+            return (L.T if transpose else L) @ X
+        Xt = X.T.to(dtype=_fft_dtype(X.dtype), memory_format=torch.contiguous_format)
+        Yt = self._fft_lower_rows(Xt, transpose)
+        return Yt.T.to(dtype=X.dtype, memory_format=torch.contiguous_format)
 
     def _apply(self, X: Tensor, transpose: bool) -> Tensor:
         """``S X`` (or ``S^T X``); the upper matrix is the transpose of the lower one."""
-        return self._apply_lower(X, transpose != (not self.lower))
+        return self._apply_lower(X, transpose == self.lower)
 
     # ------------------------------------------------------------------ interface
     def to_dense(self) -> Tensor:
@@ -144,10 +151,11 @@ class TriangularToeplitz(StructuredMatrix):
     def _from_inner(self, X: Tensor) -> TriangularToeplitz:
         # D_k = sum_j (Y Y^T)[j + k, j] = sum over columns of the autocorrelation of Y.
         d = self.dim
-        Y = self._apply(X, transpose=True)
         n = _fft_size(d)
-        fy = torch.fft.rfft(Y.to(_fft_dtype(Y.dtype)), n, dim=0)
-        power = torch.view_as_real(fy).square().sum(dim=(1, 2))
+        Xt = X.T.to(dtype=_fft_dtype(X.dtype), memory_format=torch.contiguous_format)
+        Yt = self._fft_lower_rows(Xt, transpose=self.lower)  # (S^T X)^T
+        fy = torch.fft.rfft(Yt, n, dim=1)
+        power = fy.real.square().add_(fy.imag.square()).sum(0)
         sums = torch.fft.irfft(power.to(fy.dtype), n)[:d]
         return self._project(sums, self.dtype)
 
