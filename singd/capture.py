@@ -1,0 +1,314 @@
+"""Layer capture: find the layers a Kronecker-factored optimizer supports and turn their
+inputs and output gradients into the rows ``a`` and ``g`` of DESIGN section 2.
+
+Shared by :class:`singd.SINGD` and the KFAC baseline. Three parts:
+
+* :func:`unwrap_model` and :func:`find_layers`: which modules are supported (``nn.Linear``
+  with any leading dims, ``nn.Conv2d``) and which trainable parameters are left for a
+  first-order fallback (and why).
+* :func:`input_rows`, :func:`grad_rows`, :func:`loss_average_count`: the pure row
+  transforms (unfold, ``expand``/``reduce``, the ones column for a bias, the number of loss
+  terms ``n`` the loss was averaged over).
+* :class:`Capture`: forward hooks that, while *attached* to a layer, register a tensor hook
+  on the layer's output and call ``callback(name, input, grad_output)`` once per
+  forward/backward pair. Tensor hooks registered before an in-place op on the output
+  (``nn.ReLU(inplace=True)``) still receive the gradient w.r.t. the layer's own output.
+
+Rows are returned *unnormalised*: the ``1/sqrt(rows)`` of ``a`` and the ``sqrt(n)`` of ``g``
+are left to the caller, which knows how several backward passes are combined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Valid values of ``kfac_approx``.
+KFAC_APPROXIMATIONS: tuple[str, ...] = ("expand", "reduce")
+#: Valid values of ``loss_average``.
+LOSS_AVERAGES: tuple[str | None, ...] = (None, "batch", "batch+sequence")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the layers: strips DDP/DataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, repeatedly."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass
+class Layer:
+    """A supported layer: weight ``W`` (d_C x d_in, conv kernels flattened) and optional bias."""
+
+    name: str
+    module: nn.Module
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    @property
+    def kind(self) -> str:
+        """``"Linear"`` or ``"Conv2d"``."""
+        return "Conv2d" if isinstance(self.module, nn.Conv2d) else "Linear"
+
+    @property
+    def in_dim(self) -> int:
+        """d_K: flattened input size, plus one for the bias."""
+        return self.weight[0].numel() + (self.bias is not None)
+
+    @property
+    def out_dim(self) -> int:
+        """d_C: number of output features / channels."""
+        return self.weight.shape[0]
+
+    def params(self) -> list[nn.Parameter]:
+        """The layer's trainable parameters, weight first."""
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def grad_matrix(self) -> Tensor | None:
+        """``[grad W, grad b]`` as a ``d_C x d_K`` matrix (a copy), or None without a gradient."""
+        gw = self.weight.grad
+        if gw is None:
+            return None
+        gw = gw.reshape(self.out_dim, -1)
+        if self.bias is None:
+            return gw.clone()
+        gb = self.bias.grad
+        if gb is None:
+            gb = torch.zeros(self.out_dim, dtype=gw.dtype, device=gw.device)
+        return torch.cat([gw, gb.to(gw.dtype).unsqueeze(1)], dim=1)
+
+    def split(self, mat: Tensor) -> list[Tensor]:
+        """Split a ``d_C x d_K`` matrix into tensors shaped like ``params()``."""
+        w = mat[:, : self.weight[0].numel()].reshape(self.weight.shape)
+        if self.bias is None:
+            return [w]
+        return [w, mat[:, -1].reshape(self.bias.shape)]
+
+
+@dataclass
+class LayerSearch:
+    """Result of :func:`find_layers`."""
+
+    layers: dict[str, Layer] = field(default_factory=dict)
+    #: Trainable parameters outside supported layers: qualified name -> (parameter, reason).
+    others: dict[str, tuple[nn.Parameter, str]] = field(default_factory=dict)
+
+
+def _is_hooked_linear(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> bool:
+    """False for Linear modules whose forward is never called (MultiheadAttention.out_proj)."""
+    parent = parents.get(name.rpartition(".")[0] if "." in name else "")
+    return not (isinstance(parent, nn.MultiheadAttention) and name.endswith("out_proj"))
+
+
+def find_layers(model: nn.Module, trainable: Iterable[nn.Parameter]) -> LayerSearch:
+    """Supported layers whose weight is in ``trainable``, and the remaining trainable
+    parameters with the reason they are not handled by a supported layer.
+
+    A layer is supported when it is an ``nn.Linear`` or ``nn.Conv2d`` (not the ``out_proj`` of
+    an ``nn.MultiheadAttention``, whose forward never runs), its weight is trainable, and its
+    weight and bias are used by no other module (tied parameters go to the fallback).
+    """
+    model = unwrap_model(model)
+    trainable_ids = {id(p) for p in trainable}
+    owners: dict[int, int] = {}
+    for _, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    modules = dict(model.named_modules())
+    search = LayerSearch()
+    claimed: set[int] = set()
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if isinstance(module, nn.Conv2d) and module.weight.dim() != 4:
+            continue
+        weight, bias = module.weight, module.bias
+        if id(weight) not in trainable_ids or not weight.requires_grad:
+            continue
+        if not _is_hooked_linear(name, module, modules):
+            continue
+        if bias is not None and not bias.requires_grad:
+            continue
+        if any(owners.get(id(p), 0) > 1 for p in (weight, bias) if p is not None):
+            continue
+        search.layers[name] = Layer(name, module, weight, bias)
+        claimed.update(id(p) for p in (weight, bias) if p is not None)
+    seen: set[int] = set()
+    for mname, module in modules.items():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in trainable_ids or id(p) in claimed or id(p) in seen:
+                continue
+            seen.add(id(p))
+            qual = f"{mname}.{pname}" if mname else pname
+            reason = _reason(mname, module, modules, owners, p)
+            search.others[qual] = (p, reason)
+    return search
+
+
+def _reason(
+    name: str,
+    module: nn.Module,
+    modules: dict[str, nn.Module],
+    owners: dict[int, int],
+    p: nn.Parameter,
+) -> str:
+    """Why a trainable parameter is not preconditioned (for the fallback warning)."""
+    if owners.get(id(p), 0) > 1:
+        return "shared by several modules"
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not _is_hooked_linear(name, module, modules):
+            return "MultiheadAttention.out_proj (its forward is never called)"
+        return "its layer's weight or bias is frozen"
+    return f"{type(module).__name__} is not a supported layer"
+
+
+# ---------------------------------------------------------------------- row transforms
+def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches ``(B, C_in * k1 * k2, L)`` of a Conv2d (any padding mode)."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding: tuple[int, ...] | int = 0
+    else:
+        padding = module.padding
+    return F.unfold(
+        x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+    )
+
+
+def input_rows(module: nn.Module, x: Tensor, kfac_approx: str = "expand") -> Tensor:
+    """The layer input as rows ``(R, d_K)`` (unnormalised; ones column appended with a bias).
+
+    Linear: ``expand`` flattens all leading dims into rows; ``reduce`` averages over the
+    dims between the first (batch) and the last. Conv2d: unfolded patches, one row per
+    (sample, output position, group) for ``expand``; averaged over output positions for
+    ``reduce`` (one row per (sample, group)).
+    """
+    if isinstance(module, nn.Conv2d):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        patches = _conv_patches(module, x)  # (B, G * d, L)
+        B, _, L = patches.shape
+        G = module.groups
+        patches = patches.reshape(B, G, -1, L)
+        if kfac_approx == "expand":
+            rows = patches.permute(0, 3, 1, 2).reshape(B * L * G, -1)
+        else:
+            rows = patches.mean(dim=3).reshape(B * G, -1)
+    else:
+        d_in = x.shape[-1]
+        if kfac_approx == "expand" or x.dim() <= 2:
+            rows = x.reshape(-1, d_in)
+        else:
+            rows = x.reshape(x.shape[0], -1, d_in).mean(dim=1)
+    if module.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
+def grad_rows(module: nn.Module, grad_output: Tensor, kfac_approx: str = "expand") -> Tensor:
+    """The gradient w.r.t. the layer output as rows ``(R, d_C)`` (unscaled): ``expand``
+    flattens the weight-sharing dims into rows, ``reduce`` sums over them."""
+    if isinstance(module, nn.Conv2d):
+        g = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)
+        B, C = g.shape[:2]
+        if kfac_approx == "expand":
+            return g.reshape(B, C, -1).transpose(1, 2).reshape(-1, C)
+        return g.reshape(B, C, -1).sum(dim=2)
+    d_out = grad_output.shape[-1]
+    if kfac_approx == "expand" or grad_output.dim() <= 2:
+        return grad_output.reshape(-1, d_out)
+    return grad_output.reshape(grad_output.shape[0], -1, d_out).sum(dim=1)
+
+
+def loss_average_count(module: nn.Module, grad_output: Tensor, loss_average: str | None) -> int:
+    """``n``, the number of loss terms the loss was averaged over: the batch size for
+    ``"batch"`` (first dim), batch times sequence / output positions for
+    ``"batch+sequence"``, and 1 for None."""
+    if loss_average is None:
+        return 1
+    if isinstance(module, nn.Conv2d):
+        unbatched = grad_output.dim() == 3
+        batch = 1 if unbatched else grad_output.shape[0]
+        spatial = grad_output.shape[-2] * grad_output.shape[-1]
+    else:
+        unbatched = grad_output.dim() == 1
+        batch = 1 if unbatched else grad_output.shape[0]
+        spatial = max(grad_output.numel() // max(grad_output.shape[-1], 1), 1) // max(batch, 1)
+    if loss_average == "batch":
+        return int(batch)
+    return int(batch * spatial)
+
+
+# ---------------------------------------------------------------------- hooks
+#: ``callback(layer_name, layer_input, grad_output)``, called inside backward.
+CaptureCallback = Callable[[str, Tensor, Tensor], None]
+
+
+class Capture:
+    """Forward hooks that hand each (input, output gradient) pair of attached layers to
+    ``callback``; layers not attached cost nothing (no hook is registered on them).
+
+    ``fired`` collects the names of attached layers whose forward hook ran since the last
+    :meth:`clear_fired` (a layer with gradients but not in ``fired`` was never seen).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], callback: CaptureCallback) -> None:
+        """Remember the layers (name -> module) and the callback; nothing is attached yet."""
+        self.modules = dict(modules)
+        self.callback = callback
+        self.fired: set[str] = set()
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    @property
+    def attached(self) -> frozenset[str]:
+        """Names of the layers whose hooks are registered."""
+        return frozenset(self._handles)
+
+    def attach(self, names: Iterable[str]) -> None:
+        """Make exactly ``names`` attached (registers / removes hooks as needed)."""
+        wanted = set(names)
+        for name in list(self._handles):
+            if name not in wanted:
+                self._handles.pop(name).remove()
+        for name in wanted:
+            if name not in self._handles:
+                self._handles[name] = self.modules[name].register_forward_hook(
+                    self._make_hook(name)
+                )
+
+    def detach(self) -> None:
+        """Remove every hook."""
+        self.attach(())
+
+    def clear_fired(self) -> None:
+        """Forget which layers fired."""
+        self.fired.clear()
+
+    def _make_hook(self, name: str) -> Callable:
+        """The forward hook for one layer: registers a tensor hook on its output."""
+        callback, fired = self.callback, self.fired
+
+        def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return
+            if not output.requires_grad or not args:
+                return
+            fired.add(name)
+            x = args[0].detach()
+
+            def tensor_hook(grad_output: Tensor) -> None:
+                callback(name, x, grad_output)
+
+            output.register_hook(tensor_hook)
+
+        return forward_hook

@@ -1,0 +1,209 @@
+"""The math of SINGD (DESIGN section 2) as plain functions on structured matrices.
+
+* :func:`riemannian_step`: from the statistics ``H_K, H_C`` to the new ``K, C`` (INGD, or
+  IKFAC with ``kfac_like=True``), with Riemannian momentum and ``normalize_lr_cov``.
+* :func:`precondition`: ``C C^T G K K^T`` by products with K, K^T, C, C^T, or with cached
+  Gram matrices ``K K^T`` / ``C C^T`` from :func:`gram` (two products instead of four).
+* :func:`heavy_ball_`: weight decay after preconditioning and the heavy-ball update, foreach.
+
+Like ``torch.optim.adamw``'s functional form the functions update their matrix and tensor
+arguments in place where the docstring says so and return the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from singd.structures import BlockDiagonal, Dense, Diagonal, StructuredMatrix, Triangular
+
+
+def _scaled(S: StructuredMatrix, factor: Tensor | float) -> StructuredMatrix:
+    """``S *= factor`` in place (skips the multiplication by a Python 1.0)."""
+    if isinstance(factor, float) and factor == 1.0:
+        return S
+    return S.mul_(factor)
+
+
+def _m_hat(
+    H_K: StructuredMatrix,
+    H_C: StructuredMatrix,
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    damping: float,
+    kfac_like: bool,
+    half: float,
+) -> tuple[StructuredMatrix, StructuredMatrix]:
+    """The new momentum terms ``m_K^``, ``m_C^`` (consumes ``H_K``, ``H_C`` in place)."""
+    KtK = K.from_inner()
+    CtC = C.from_inner()
+    if kfac_like:
+        m_K = H_K.add_(KtK, alpha=damping).diag_add_(-1.0).mul_(half)
+        m_C = H_C.add_(CtC, alpha=damping).diag_add_(-1.0).mul_(half)
+        return m_K, m_C
+    tr_HK, tr_HC = H_K.average_trace(), H_C.average_trace()
+    tr_KtK, tr_CtC = KtK.average_trace(), CtC.average_trace()
+    # 1/2 (avgtr(H_C) H_K + lambda avgtr(C^T C) Pi(K^T K) - I), scalars as 0-dim tensors
+    m_K = H_K.mul_(tr_HC * half).add_(KtK.mul_(tr_CtC * (damping * half))).diag_add_(-half)
+    m_C = H_C.mul_(tr_HK * half).add_(CtC.mul_(tr_KtK * (damping * half))).diag_add_(-half)
+    return m_K, m_C
+
+
+def riemannian_step(
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    H_K: StructuredMatrix,
+    H_C: StructuredMatrix,
+    m_K: StructuredMatrix | None,
+    m_C: StructuredMatrix | None,
+    *,
+    damping: float,
+    alpha1: float,
+    lr_cov: float,
+    kfac_like: bool = False,
+    normalize_lr_cov: bool = False,
+) -> tuple[StructuredMatrix, StructuredMatrix, StructuredMatrix | None, StructuredMatrix | None]:
+    """One preconditioner update ``K <- K - beta1 K m_K``, ``C <- C - beta1 C m_C``.
+
+    ``H_K = Pi(K^T a^T a K)`` and ``H_C = Pi(C^T g^T g C)`` are consumed (overwritten).
+    ``m_K``/``m_C`` are the Riemannian momenta (updated in place and returned), or None when
+    ``alpha1 == 0`` (then the returned momenta are None too). ``kfac_like`` (IKFAC) uses
+    ``m^ = 1/2 (H + lambda Pi(K^T K) - I)`` and ignores ``alpha1``. ``K`` and ``C`` are
+    updated in place and returned.
+    """
+    if kfac_like:
+        alpha1 = 0.0
+    half = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
+    mh_K, mh_C = _m_hat(H_K, H_C, K, C, damping, kfac_like, half)
+    if alpha1 > 0.0 and m_K is not None and m_C is not None:
+        m_K = m_K.mul_(alpha1).add_(mh_K)
+        m_C = m_C.mul_(alpha1).add_(mh_C)
+        new_K, new_C = m_K, m_C
+    else:
+        new_K, new_C = mh_K, mh_C
+        m_K = m_C = None
+    for F, m in ((K, new_K), (C, new_C)):
+        step = F @ m
+        if normalize_lr_cov:
+            beta = lr_cov / torch.clamp(m.infinity_vector_norm().float(), min=1.0)
+            F.add_(step.mul_(-beta.to(F.dtype)))
+        else:
+            F.add_(step, alpha=-lr_cov)
+    return K, C, m_K, m_C
+
+
+# ---------------------------------------------------------------------- preconditioning
+@dataclass
+class Gram:
+    """A cached ``F F^T`` for a factor ``F``: ``kind`` says how ``value`` is stored.
+
+    ``"dense"``: a ``(d, d)`` tensor; ``"diag"``: a ``(d,)`` vector; ``"structured"``: a
+    symmetric matrix of the factor's own structure (block-diagonal factors).
+    """
+
+    kind: str
+    value: Tensor | StructuredMatrix
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache."""
+        v = self.value
+        tensors = [v] if isinstance(v, Tensor) else list(v.to_dict().values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def gram(F: StructuredMatrix) -> Gram | None:
+    """``F F^T`` in a form cheaper to apply than two products with ``F``, or None where the
+    structure has no such form (hierarchical, Toeplitz: their products are already O(d))."""
+    if isinstance(F, Diagonal):
+        return Gram("diag", F.diag.square())
+    if isinstance(F, (Dense, Triangular)):
+        return Gram("dense", F.mat @ F.mat.T)
+    if isinstance(F, BlockDiagonal):
+        blocks = torch.bmm(F.blocks, F.blocks.transpose(1, 2))
+        return Gram("structured", type(F)._wrap(F.dim, blocks, F.last @ F.last.T))
+    return None
+
+
+def _apply_left(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
+    """``F F^T X`` for ``X`` of shape ``(d, n)``."""
+    if P is None:
+        if isinstance(F, Diagonal):
+            return F.diag.square().unsqueeze(1) * X
+        if isinstance(F, (Dense, Triangular)):
+            return F.mat @ (F.mat.T @ X)
+        return F @ F.rmatmat(X)
+    if P.kind == "dense":
+        return P.value @ X
+    if P.kind == "diag":
+        return P.value.unsqueeze(1) * X
+    return P.value @ X
+
+
+def _apply_right(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
+    """``X F F^T`` for ``X`` of shape ``(n, d)``."""
+    if P is None:
+        if isinstance(F, Diagonal):
+            return X * F.diag.square()
+        if isinstance(F, (Dense, Triangular)):
+            return (X @ F.mat) @ F.mat.T
+        return (F @ F.rmatmat(X.T)).T
+    if P.kind == "dense":
+        return X @ P.value
+    if P.kind == "diag":
+        return X * P.value
+    return (P.value @ X.T).T
+
+
+def precondition(
+    G: Tensor,
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    gram_K: Gram | None = None,
+    gram_C: Gram | None = None,
+) -> Tensor:
+    """``C C^T G K K^T`` for ``G`` of shape ``(d_C, d_K)``.
+
+    The K side runs in K's dtype, the C side in C's; the result has ``G``'s dtype.
+    ``gram_K``/``gram_C`` are optional caches from :func:`gram` of the current factors.
+    """
+    out_dtype = G.dtype
+    X = _apply_right(K, gram_K, G.to(K.dtype))
+    X = _apply_left(C, gram_C, X.to(C.dtype))
+    return X.to(out_dtype)
+
+
+# ---------------------------------------------------------------------- parameter update
+def heavy_ball_(
+    params: list[Tensor],
+    directions: list[Tensor],
+    buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> list[Tensor | None]:
+    """``s = d + gamma p``; ``buf <- alpha2 buf + s`` (buf starts at zero); ``p -= lr buf``.
+
+    ``directions`` may be modified in place (pass copies when they must survive). Returns the
+    new buffers (None everywhere when ``momentum == 0``); ``params`` are updated in place.
+    """
+    if not params:
+        return buffers
+    if weight_decay != 0.0:
+        torch._foreach_add_(directions, params, alpha=weight_decay)
+    if momentum == 0.0:
+        torch._foreach_add_(params, directions, alpha=-lr)
+        return [None] * len(params)
+    fresh = [i for i, b in enumerate(buffers) if b is None]
+    for i in fresh:
+        buffers[i] = directions[i].clone()
+    fresh_set = set(fresh)
+    old = [i for i in range(len(buffers)) if i not in fresh_set]
+    if old:
+        bufs = [buffers[i] for i in old]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, [directions[i] for i in old])
+    torch._foreach_add_(params, buffers, alpha=-lr)
+    return buffers
