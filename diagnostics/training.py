@@ -65,13 +65,17 @@ class TrainResult:
 
     ``losses`` holds the training loss of every step (``nan`` where it was not finite);
     ``nan_events`` one dict per event (``step``, ``where`` in {"loss", "parameters"},
-    ``value``); ``nan_event_count`` their number; ``diverged`` whether any happened.
+    ``value``); ``nan_event_count`` their number; ``error`` the message of an optimizer
+    failure that ended the run (KFAC's ``KFACInverseError``: a factor that cannot be
+    inverted under ``on_inverse_failure="raise"`` or even after upcasting), else None;
+    ``diverged`` whether either happened.
     ``time_per_step`` is the mean wall time of forward + backward + step in seconds,
     first step excluded (warm-up). ``peak_memory_bytes`` is the process peak resident
     memory while training (VmHWM, reset at the start, Linux) or
-    ``torch.cuda.max_memory_allocated`` on CUDA; ``skipped_steps`` counts steps a
-    GradScaler skipped (fp16-autocast) and ``grad_scale`` is its final scale (else None); ``peak_memory_increase_bytes`` subtracts
-    the resident memory at the start. ``optimizer_state_bytes`` is the total of
+    ``torch.cuda.max_memory_allocated`` on CUDA; ``peak_memory_increase_bytes`` subtracts
+    the resident memory at the start. ``skipped_steps`` counts steps a GradScaler skipped
+    (fp16-autocast) and ``grad_scale`` is its final scale (else None).
+    ``optimizer_state_bytes`` is the total of
     ``optimizer.state_bytes()`` for SINGD/KFAC and of all state tensors otherwise, with
     its per-component breakdown in ``state_bytes``. ``recording`` is the
     ``diagnostics.recorder`` Recording when ``record=True``, else ``None``.
@@ -93,6 +97,7 @@ class TrainResult:
     final_loss: float = float("nan")
     nan_events: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    error: str | None = None
     skipped_steps: int = 0
     grad_scale: float | None = None
     time_per_step: float = float("nan")
@@ -112,8 +117,8 @@ class TrainResult:
 
     @property
     def diverged(self) -> bool:
-        """Whether any NaN/Inf event happened."""
-        return bool(self.nan_events)
+        """Whether any NaN/Inf event happened or the optimizer gave up (``error``)."""
+        return bool(self.nan_events) or self.error is not None
 
     def summary(self) -> dict[str, Any]:
         """A flat dict of settings and scalar metrics, one row of a results table."""
@@ -133,6 +138,7 @@ class TrainResult:
             "nan_events": self.nan_event_count,
             "diverged": self.diverged,
             "stopped_early": self.stopped_early,
+            "error": self.error,
             "skipped_steps": self.skipped_steps,
             "time_per_step": self.time_per_step,
             "total_time": self.total_time,
@@ -140,6 +146,18 @@ class TrainResult:
             "peak_memory_increase_bytes": self.peak_memory_increase_bytes,
             "optimizer_state_bytes": self.optimizer_state_bytes,
         }
+
+
+def _optimizer_failures() -> tuple[type[BaseException], ...]:
+    """Exceptions that end a run as a recorded failure instead of crashing it."""
+    try:
+        from singd.kfac import KFACInverseError
+    except ImportError:  # pragma: no cover - singd always ships kfac
+        return ()
+    return (KFACInverseError,)
+
+
+_OPTIMIZER_FAILURES = _optimizer_failures()
 
 
 def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -176,7 +194,7 @@ def make_optimizer(
         opts.setdefault("momentum", 0.9)
         return torch.optim.SGD(model.parameters(), lr=lr, **opts)
     if name == "kfac":
-        from singd import KFAC
+        from singd.kfac import KFAC
 
         return KFAC(model, lr=lr, **opts)
     from singd import SINGD
@@ -396,16 +414,21 @@ def train(
                     if on_nan == "stop":
                         result.stopped_early = True
                         break
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scale_before = scaler.get_scale()
-                    scaler.step(opt)
-                    scaler.update()
-                    if scaler.get_scale() < scale_before:
-                        result.skipped_steps += 1
-                else:
-                    loss.backward()
-                    opt.step()
+                try:
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scale_before = scaler.get_scale()
+                        scaler.step(opt)
+                        scaler.update()
+                        if scaler.get_scale() < scale_before:
+                            result.skipped_steps += 1
+                    else:
+                        loss.backward()
+                        opt.step()
+                except _OPTIMIZER_FAILURES as err:
+                    result.error = f"step {step}: {type(err).__name__}: {err}"
+                    result.stopped_early = True
+                    break
                 step_times.append(time.perf_counter() - t0)
                 if recorder is not None:
                     recorder.step(loss=loss.detach())
