@@ -5,6 +5,7 @@ hooks in :mod:`singd.capture`, the math in :mod:`singd.update`.
 """
 
 from singd import structures
+from singd.kfac import KFAC
 from singd.optimizer import SINGD
 
-__all__ = ["SINGD", "structures"]
+__all__ = ["KFAC", "SINGD", "structures"]
