@@ -267,6 +267,14 @@ def write_report(summary: pd.DataFrame, runs: pd.DataFrame, path: str | Path, ti
     return path
 
 
+def parameter_columns(summary: pd.DataFrame) -> list[str]:
+    """The swept parameter columns of a summary table (those between ``run`` and ``status``)."""
+    cols = list(summary.columns)
+    if "run" not in cols or "status" not in cols:
+        raise ValueError("summary must be a sweep summary with 'run' and 'status' columns")
+    return cols[cols.index("run") + 1 : cols.index("status")]
+
+
 def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read a sweep folder back: (summary per combination, table per inner run)."""
     out = Path(sweep_dir)
@@ -374,6 +382,7 @@ __all__ = [
     "combinations",
     "load_sweep",
     "notebook_parameters",
+    "parameter_columns",
     "parse_value",
     "run_id",
     "run_sweep",
