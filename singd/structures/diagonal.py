@@ -58,8 +58,11 @@ class Diagonal(StructuredMatrix):
     _rmatmat = _matmat
 
     def _from_inner(self, X: Tensor) -> Diagonal:
-        # diag(S X X^T S) = s^2 * rowsum(X^2); one (dim, n) temporary at most.
-        return self._project(torch.linalg.vecdot(X, X) * self.diag.square())
+        # diag(S X X^T S) = s^2 * rowsum(X^2). vector_norm reduces without a (dim, n)
+        # temporary (linear time in dim); half precision accumulates in float32.
+        acc = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+        sq = torch.linalg.vector_norm(X, dim=1, dtype=acc).square_()
+        return self._project(sq.mul_(self.diag.square()).to(self.dtype))
 
     def _from_inner_eye(self) -> Diagonal:
         return self._project(self.diag.square())

@@ -6,7 +6,7 @@ vector ``t`` of length ``d``. Lower (upper) triangular Toeplitz matrices commute
 product has the truncated convolution of the coefficients, so the pattern is closed.
 
 Products with dense ``X`` are causal convolutions along the rows, done by FFT in
-``O(n d log d)`` (dense ``d x d`` only below ``_DENSE_BELOW``, where that is faster). ``Pi``
+``O(n d log d)`` (dense ``d x d`` only for ``d < _DENSE_BELOW``, where that is faster). ``Pi``
 needs only the diagonal sums of the symmetric matrix, which for ``M = Y Y^T`` are the
 autocorrelations of the columns of ``Y`` (FFT again). The FFTs run in float32 for half
 precision inputs (CPU FFT refuses them) and in the input dtype otherwise.
@@ -151,6 +151,9 @@ class TriangularToeplitz(StructuredMatrix):
     def _from_inner(self, X: Tensor) -> TriangularToeplitz:
         # D_k = sum_j (Y Y^T)[j + k, j] = sum over columns of the autocorrelation of Y.
         d = self.dim
+        if d < _DENSE_BELOW:  # small: dense Y Y^T and its diagonal sums are cheaper
+            Y = self._apply(X, transpose=True)
+            return self._from_dense(Y @ Y.T)
         n = _fft_size(d)
         Xt = X.T.to(dtype=_fft_dtype(X.dtype), memory_format=torch.contiguous_format)
         Yt = self._fft_lower_rows(Xt, transpose=self.lower)  # (S^T X)^T
