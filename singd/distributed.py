@@ -1,0 +1,143 @@
+"""Data-parallel support: average SINGD's statistics across ranks in bucketed collectives.
+
+The *distributor* is kept apart from the math. :class:`singd.SINGD` finalises the
+statistics ``H_K = Pi(K^T a^T a K)`` and ``H_C = Pi(C^T g^T g C)`` of every layer that
+updates its preconditioner in a step and hands all of their stored tensors, in one call, to
+its ``reduce_statistics(tensors, average)`` callable. :class:`StatisticsReducer` packs them
+into one flat buffer per communication dtype, runs one ``all_reduce`` per buffer and writes
+the result back: the mean over ranks where ``average[i]`` is true, the sum elsewhere. Steps
+that do not update a preconditioner make no call, hence no collective.
+
+Why the mean (DESIGN section 2): ``a`` is scaled by ``1/sqrt(rows)``, so ``H_K`` is a mean
+over rows; ``g`` is the gradient of a per-rank loss averaged over ``n`` terms, scaled by
+``sqrt(n)``, so ``H_C = (1/n) sum_i dl_i dl_i^T`` is a mean over loss terms too. Averaging
+these means over ranks gives each rank's rows the weight ``1/(R n_r)``, exactly the weight
+DDP's gradient averaging gives them: with equal shards this is the full batch, with unequal
+shards it is the objective DDP optimises. With ``loss_average=None`` (a sum loss) ``H_C`` is
+a sum over loss terms, so it is summed over ranks (``H_K`` is still averaged).
+
+:func:`default_reducer` is what SINGD installs at construction: a reducer when
+``torch.distributed`` is initialised with more than one rank (the DDP model's process group
+when the model is DDP-wrapped), None otherwise. Set ``optimizer.reduce_statistics`` to your
+own reducer (or to None, for rank-local preconditioners) to override it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+#: Dtypes reduced in a float32 buffer (summing in half precision loses digits and fp16 can
+#: overflow; gloo has no bf16 reduction on every build).
+_UPCAST = (torch.float16, torch.bfloat16)
+#: Fingerprint entries appended to each buffer to catch ranks whose statistics differ.
+_CHECK_MOD = 65521
+
+
+@dataclass
+class ReduceCounters:
+    """What a reducer has communicated: calls, collectives and payload bytes (cumulative)."""
+
+    calls: int = 0
+    collectives: int = 0
+    bytes: int = 0
+
+
+class StatisticsReducer:
+    """Averages (or sums) a list of tensors in place across the ranks of a process group,
+    with one ``all_reduce`` per communication dtype.
+
+    ``group``: the process group (None: the default group). ``upcast_half``: reduce fp16 and
+    bf16 tensors in the float32 buffer (default) instead of their own dtype. ``counters``
+    records calls, collectives and bytes sent per rank (the payload of each ``all_reduce``).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, upcast_half: bool = True) -> None:
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"group must be a torch.distributed.ProcessGroup or None, got "
+                f"{type(group).__name__}"
+            )
+        if not isinstance(upcast_half, bool):
+            raise TypeError(f"upcast_half must be True or False, got {upcast_half!r}")
+        self.group = group
+        self.upcast_half = upcast_half
+        self.counters = ReduceCounters()
+
+    def world_size(self) -> int:
+        """Number of ranks in the group (1 when torch.distributed is not initialised)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.group)
+
+    def _comm_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the buffer that carries tensors of ``dtype``."""
+        return torch.float32 if self.upcast_half and dtype in _UPCAST else dtype
+
+    def __call__(self, tensors: Sequence[Tensor], average: Sequence[bool] | None = None) -> None:
+        """Reduce ``tensors`` in place: mean over ranks where ``average[i]`` (default: all),
+        sum elsewhere. Every rank must pass tensors of the same shapes and dtypes, in order."""
+        tensors = list(tensors)
+        if average is None:
+            average = [True] * len(tensors)
+        else:
+            average = list(average)
+            if len(average) != len(tensors):
+                raise ValueError(
+                    f"average must have one bool per tensor ({len(tensors)}), got {len(average)}"
+                )
+        for t in tensors:
+            if not isinstance(t, Tensor):
+                raise TypeError(f"tensors must be torch.Tensors, got {type(t).__name__}")
+        self.counters.calls += 1
+        world = self.world_size()
+        if world == 1 or not tensors:
+            return
+        buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            buckets.setdefault((self._comm_dtype(t.dtype), t.device), []).append(i)
+        for (dtype, device), idx in buckets.items():
+            parts = [tensors[i].reshape(-1).to(dtype) for i in idx]
+            numel = sum(p.numel() for p in parts)
+            check = torch.tensor(
+                [float(len(idx)), float(numel % _CHECK_MOD)], dtype=dtype, device=device
+            )
+            buf = torch.cat([*parts, check])
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+            self.counters.collectives += 1
+            self.counters.bytes += buf.numel() * buf.element_size()
+            expected = check * world
+            if not torch.equal(buf[numel:], expected):
+                raise RuntimeError(
+                    "SINGD: ranks reduced different statistics (layers updated on one rank but "
+                    "not on another, e.g. a layer skipped in forward on some ranks, or "
+                    "different param groups / T); K and C would diverge across ranks"
+                )
+            offset = 0
+            inv = 1.0 / world
+            for i in idx:
+                t = tensors[i]
+                n = t.numel()
+                chunk = buf[offset : offset + n].view(t.shape)
+                if average[i]:
+                    chunk.mul_(inv)
+                t.copy_(chunk)
+                offset += n
+
+
+def default_reducer(model: nn.Module | None = None) -> StatisticsReducer | None:
+    """The reducer SINGD installs by default: one over the DDP model's process group (or the
+    default group) when torch.distributed is initialised with more than one rank, else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = None
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        group = getattr(model, "process_group", None)
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            group = None
+    reducer = StatisticsReducer(group)
+    return reducer if reducer.world_size() > 1 else None
