@@ -27,6 +27,7 @@ from singd.capture import (
     loss_average_count,
     unwrap_model,
 )
+from singd.distributed import default_reducer
 from singd.structures import FORMS, StructuredMatrix, structure
 from singd.update import Gram, gram, heavy_ball_, precondition, riemannian_step
 from singd.views import FactorView, LayerFactors
@@ -201,8 +202,11 @@ class SINGD(Optimizer):
       the statistics when ``scaler.unscale_(opt)`` was called before the first
       ``scaler.step(opt)`` (later the last scale seen is used).
     * Data parallel: wrap the model in DDP before or after; SINGD hooks the inner module.
-      Set ``reduce_statistics`` to a callable that averages a list of tensors in place across
-      ranks; it receives all statistics of one update step in one call.
+      With ``torch.distributed`` initialised (more than one rank) ``reduce_statistics`` is a
+      :class:`singd.distributed.StatisticsReducer`: on update steps the statistics of all
+      layers are averaged across ranks (``H_C`` summed for ``loss_average=None``) in one
+      bucketed collective, so K and C stay identical on every rank. Replace it by any
+      ``reduce(tensors, average)`` callable, or None for rank-local statistics.
     * ``preconditioner_factors()`` and ``state_bytes()`` are the read-only views used by
       diagnostics.
     """
@@ -276,8 +280,10 @@ class SINGD(Optimizer):
         self._step = 0
         self._last_scale: float | None = None
         self._warned_unfired: set[str] = set()
-        #: Optional ``reduce(list_of_tensors)`` that averages statistics in place across ranks.
-        self.reduce_statistics: Callable[[list[Tensor]], None] | None = None
+        #: ``reduce(tensors, average)``: in place across ranks, the mean where ``average[i]``,
+        #: else the sum (see :mod:`singd.distributed`); None: statistics stay rank-local.
+        self.reduce_statistics: Callable[[list[Tensor], list[bool]], None] | None
+        self.reduce_statistics = default_reducer(model)
         self._capture = Capture(
             {name: st.layer.module for name, st in self._layers.items()}, self._on_backward
         )
@@ -506,8 +512,14 @@ class SINGD(Optimizer):
         if not todo:
             return
         if self.reduce_statistics is not None:
-            flat = [t for _, hk, hc in todo for t in (*hk._tensors(), *hc._tensors())]
-            self.reduce_statistics(flat)
+            flat: list[Tensor] = []
+            average: list[bool] = []
+            for st, hk, hc in todo:
+                tk, tc = hk._tensors(), hc._tensors()
+                flat += [*tk, *tc]
+                # H_K is a mean over rows; H_C of a sum loss (loss_average=None) is a sum
+                average += [True] * len(tk) + [st.group["loss_average"] is not None] * len(tc)
+            self.reduce_statistics(flat, average)
         for st, H_K, H_C in todo:
             group = st.group
             alpha1 = self._alpha1(group)
