@@ -1,0 +1,803 @@
+"""`Recorder`: hooks a training loop and records spectra, norms, NaN/Inf events and memory.
+
+Usage (any ``torch.optim`` optimizer, `singd.SINGD` or `singd.KFAC`)::
+
+    with Recorder(optimizer, model, every=10, scaler=scaler) as rec:
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            rec.step(loss=loss)          # once per training step, after optimizer.step()
+    rec.recording.save("run.rec")
+
+What it costs, by step kind:
+
+- **unrecorded steps**: a clock read and a finiteness check chosen by ``check_finite``:
+  ``"grads"`` (default, also ``True``): the loss and every gradient (one grouped
+  ``torch._foreach_norm``, read with one host sync); ``"loss"``: the loss only; ``False``:
+  nothing. A step that the GradScaler skipped (``optimizer.step()`` was not called) is
+  always inspected. No hooks are installed on these steps.
+- **recorded steps** (the schedule ``every``): forward hooks and output-gradient tensor hooks
+  on every module that owns parameters are installed just for this step; at `step` the
+  recorder reads the loss, gradients, parameters, the update (parameters before/after
+  ``optimizer.step()``, snapshotted by a step pre-hook), optimizer state, factors (through
+  ``preconditioner_factors()`` when the optimizer has it), and memory.
+- a tripped finiteness check on an unrecorded step gets the same detailed inspection of
+  loss, gradients, parameters, factors and state (phases ``forward``, ``backward``,
+  ``preconditioner update``, ``parameter update``), and arms the hooks for the next step so
+  that the forward/backward origin is caught there.
+
+Optimizer state is read through the public view only: ``preconditioner_factors()`` and
+``state_bytes()`` when present (SINGD, KFAC); otherwise ``optimizer.state`` (the public
+``torch.optim`` state, e.g. AdamW's ``exp_avg``/``exp_avg_sq``). Every quantity is computed
+on upcast copies; training numbers are never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diagnostics import metrics as M
+from diagnostics.recording import COLUMNS, Recording, frame_from_rows
+
+Schedule = int | Iterable[int] | Callable[[int], bool]
+Listener = Callable[["Recorder", int], None]
+
+_SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf")
+PROCESS = "(process)"
+MODEL = "(model)"
+
+
+def make_schedule(every: Schedule) -> Callable[[int], bool]:
+    """Turn ``every`` (N, a collection of steps, or a callable step -> bool) into a predicate."""
+    if isinstance(every, bool):
+        raise TypeError("every must be an int >= 1, a collection of step numbers or a callable")
+    if isinstance(every, int):
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (record every N steps), got {every}")
+        return lambda step: step % every == 0
+    if callable(every):
+        return lambda step: bool(every(step))
+    if isinstance(every, Iterable) and not isinstance(every, (str, bytes)):
+        steps = set()
+        for s in every:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+                raise ValueError(f"every: step numbers must be ints >= 0, got {s!r}")
+            steps.add(int(s))
+        return steps.__contains__
+    raise TypeError(
+        "every must be an int >= 1, a collection of step numbers or a callable step -> bool, "
+        f"got {type(every).__name__}"
+    )
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Floating-point tensors in a module's inputs or outputs (tuples/lists/dicts, one level)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (tuple, list)):
+        return [t for t in obj if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if isinstance(obj, dict):
+        return [t for t in obj.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return []
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[float]:
+    """2-norms (computed in float32, one fused op where possible) as Python floats, one sync."""
+    if not tensors:
+        return []
+    try:
+        out = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    except (RuntimeError, TypeError):  # pragma: no cover - old torch / unusual tensors
+        out = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    return torch.stack([o.to(out[0].device) for o in out]).double().cpu().tolist()
+
+
+def _json_scalar(value: Any) -> Any:
+    """A JSON-able version of a hyper-parameter value (repr for anything exotic)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (tuple, list)) and all(
+        v is None or isinstance(v, (bool, int, float, str)) for v in value
+    ):
+        return list(value)
+    return repr(value)
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the libraries a recording depends on."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("numpy", "pandas", "plotly"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:  # pragma: no cover
+            pass
+    try:
+        from importlib.metadata import version
+
+        out["singd-lab"] = version("singd-lab")
+    except Exception:  # pragma: no cover - not installed
+        pass
+    return out
+
+
+class Recorder:
+    """Records what a training run does, on a schedule, into a `Recording`.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (``singd.SINGD``/``singd.KFAC`` add factors).
+        model: the trained ``nn.Module`` (names layers, gets forward/backward hooks); may be
+            None, then parameters are named ``param{i}`` and activations are not inspected.
+        every: record every N steps (steps 0, N, 2N, ...), a collection of step numbers, or
+            a callable ``step -> bool``.
+        spectra: compute factor spectra, extreme eigenvalues and condition numbers.
+        events: detect NaN/Inf events.
+        check_finite: the check on unrecorded steps: ``"grads"`` (or True; loss and all
+            gradients), ``"loss"`` (loss only) or False (events only on recorded steps and
+            skipped steps). Parameters, factors and state are checked on recorded steps
+            and whenever the check trips.
+        memory: record optimizer state bytes and peak process memory on recorded steps.
+        scaler: a ``torch.amp.GradScaler`` (gives the grad scale in events and steps).
+        max_dim: factors larger than this get a power-iteration estimate of the extremes.
+        power_iters: iterations of that estimate.
+        name: run name (default: the optimizer's class name).
+        config, seed: stored in ``recording.meta``.
+        max_events: stop adding events after this many (a broken run repeats them each step).
+        workers: threads that compute factor spectra from copies taken at the recorded
+            step, while training goes on (0: compute them inside `step`). Results are
+            merged in step order; `recording` waits for pending ones.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None = None,
+        every: Schedule = 10,
+        *,
+        spectra: bool = True,
+        events: bool = True,
+        check_finite: bool | str = "grads",
+        memory: bool = True,
+        scaler: Any = None,
+        max_dim: int = M.DEFAULT_MAX_DIM,
+        power_iters: int = M.DEFAULT_POWER_ITERS,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        seed: int | None = None,
+        max_events: int = 10_000,
+        workers: int = 0,
+    ) -> None:
+        if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "step"):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if scaler is not None and not hasattr(scaler, "get_scale"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if not isinstance(max_dim, int) or max_dim < 1:
+            raise ValueError(f"max_dim must be an int >= 1, got {max_dim!r}")
+        if not isinstance(power_iters, int) or power_iters < 1:
+            raise ValueError(f"power_iters must be an int >= 1, got {power_iters!r}")
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+        self.optimizer = optimizer
+        self.model = model
+        self.every = every
+        self._schedule = make_schedule(every)
+        self.spectra = bool(spectra)
+        self.events = bool(events)
+        if check_finite is True:
+            check_finite = "grads"
+        if check_finite not in (False, None, "grads", "loss"):
+            raise ValueError(
+                f"check_finite must be 'grads' (or True), 'loss' or False, got {check_finite!r}"
+            )
+        self.check_finite: str | bool = check_finite or False
+        self.memory = bool(memory)
+        self.scaler = scaler
+        self.max_dim = max_dim
+        self.power_iters = power_iters
+        self.max_events = int(max_events)
+        if not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self.name = name if name is not None else type(optimizer).__name__
+
+        # names: param -> (layer, short name)
+        self._params: list[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
+        names: dict[int, tuple[str, str]] = {}
+        self._hook_modules: list[tuple[str, nn.Module]] = []
+        if model is not None:
+            for mod_name, mod in model.named_modules():
+                own = list(mod.parameters(recurse=False))
+                if own:
+                    self._hook_modules.append((mod_name or MODEL, mod))
+                for pname, p in mod.named_parameters(recurse=False):
+                    names.setdefault(id(p), (mod_name or MODEL, pname))
+        self._names = [names.get(id(p), (f"param{i}", "param")) for i, p in enumerate(self._params)]
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._cpu = all(p.device.type == "cpu" for p in self._params)
+        self._has_factors = callable(getattr(optimizer, "preconditioner_factors", None))
+        self._has_state_bytes = callable(getattr(optimizer, "state_bytes", None))
+
+        self._step = 0
+        self._steps: list[dict[str, Any]] = []
+        self._metrics: list[tuple] = []
+        self._spectra: dict[str, list] = {k: [] for k in ("step", "layer", "factor", "index")}
+        self._spectra["value"] = []
+        self._events: list[dict[str, Any]] = []
+        self._memory: list[tuple] = []
+        self._listeners: list[Listener] = []
+        self._hook_handles: list[Any] = []
+        self._hook_items: list[tuple] = []
+        self._armed = False
+        self._stepped = False
+        self._before: list[torch.Tensor] | None = None
+        self._cache: Recording | None = None
+        self._closed = False
+        self._warned_events = False
+        self.summary: dict[str, Any] = {}
+
+        self._peak_reset = M.reset_peak_rss() if memory else False
+        if memory:
+            M.cuda_peak_bytes(reset=True)
+        self._pre_handle = (
+            optimizer.register_step_pre_hook(self._pre_step)
+            if hasattr(optimizer, "register_step_pre_hook")
+            else None
+        )
+        self.meta: dict[str, Any] = {
+            "name": self.name,
+            "config": dict(config or {}),
+            "seed": seed if seed is not None else int(torch.initial_seed()),
+            "versions": _versions(),
+            "optimizer": type(optimizer).__name__,
+            "hyperparameters": [
+                {k: _json_scalar(v) for k, v in g.items() if k != "params"}
+                for g in optimizer.param_groups
+            ],
+            "model": type(model).__name__ if model is not None else None,
+            "recorder": {
+                "every": every if isinstance(every, int) else repr(every),
+                "spectra": self.spectra,
+                "events": self.events,
+                "check_finite": self.check_finite,
+                "memory": self.memory,
+                "max_dim": max_dim,
+                "power_iters": power_iters,
+                "peak_rss_reset": self._peak_reset,
+                "workers": workers,
+            },
+            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(self._params[0].device) if self._params else "cpu",
+        }
+        self._last_end = time.perf_counter()
+        if self._schedule(0):
+            self._arm()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def current_step(self) -> int:
+        """Index of the next step `step` will record (steps count from 0)."""
+        return self._step
+
+    def is_recorded(self, step: int) -> bool:
+        """Whether the schedule records ``step``."""
+        return self._schedule(step)
+
+    def add_listener(self, fn: Listener) -> None:
+        """Call ``fn(recorder, step)`` after each recorded step (used by live dashboards)."""
+        if not callable(fn):
+            raise TypeError("listener must be callable as fn(recorder, step)")
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        """Stop calling ``fn``."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    def log(self, step: int | None = None, **values: float) -> None:
+        """Attach extra scalars (e.g. ``accuracy=0.9``) to a step (default: the last one)."""
+        if not self._steps:
+            raise ValueError("log: no step recorded yet; call recorder.step(...) first")
+        idx = len(self._steps) - 1 if step is None else step
+        if not 0 <= idx < len(self._steps):
+            raise ValueError(f"log: step must be in [0, {len(self._steps) - 1}], got {step}")
+        reserved = set(COLUMNS["steps"])
+        for key, v in values.items():
+            if key in reserved:
+                raise ValueError(f"log: {key!r} is a built-in column; use another name")
+            self._steps[idx][key] = float(v)
+        self._cache = None
+
+    def step(self, loss: torch.Tensor | float | None = None, **scalars: float) -> None:
+        """Mark the end of one training step (call after ``optimizer.step()``).
+
+        ``loss`` is the step's loss (a scalar tensor or float); extra keyword scalars
+        (e.g. ``accuracy=...``) are stored as columns of ``recording.steps``.
+        """
+        if self._closed:
+            raise RuntimeError("this Recorder is closed; create a new one")
+        t0 = time.perf_counter()
+        s = self._step
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
+                )
+            loss_v: Any = loss.detach()
+        elif loss is None:
+            loss_v = math.nan
+        elif isinstance(loss, (int, float)):
+            loss_v = float(loss)
+        else:
+            raise TypeError(f"loss must be a scalar tensor, a float or None, not {type(loss)}")
+        recorded = self._schedule(s)
+        skipped = not self._stepped if self._pre_handle is not None else False
+        self._stepped = False
+        row: dict[str, Any] = {
+            "step": s,
+            "recorded": recorded,
+            "loss": loss_v,
+            "lr": float(self.optimizer.param_groups[0].get("lr", math.nan)),
+            "step_time_s": t0 - self._last_end,
+            "skipped": skipped,
+        }
+        for key, v in scalars.items():
+            row[key] = float(v)
+        trip = False
+        hook_items, self._hook_items = self._hook_items, []
+        if recorded:
+            self._record(s, row, loss_v, skipped, hook_items)
+        elif self.events:
+            ok = self._cheap_check(loss_v) if self.check_finite else True
+            if not ok or hook_items or skipped:
+                grad_scale = self._grad_scale()
+                row["grad_scale"] = grad_scale
+                self._inspect(s, loss_v, hook_items, skipped, grad_scale)
+                trip = not ok
+        if self._armed:
+            self._disarm()
+        if self._pending:
+            self._drain(wait=False)
+        self._before = None
+        self._steps.append(row)
+        self._cache = None
+        self._step += 1
+        if self._schedule(self._step) or (trip and self.events):
+            self._arm()
+        t1 = time.perf_counter()
+        row["record_time_s"] = t1 - t0
+        self._last_end = t1
+        if recorded:
+            for fn in list(self._listeners):
+                fn(self, s)
+
+    @property
+    def recording(self) -> Recording:
+        """Everything recorded so far as a `Recording` (built on demand, cached)."""
+        if self._cache is None:
+            self._cache = self._build()
+        return self._cache
+
+    def close(self) -> None:
+        """Remove all hooks (idempotent); the recording stays readable."""
+        self._disarm()
+        if self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+        self._drain(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._closed = True
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Optimizer step pre-hook: note that a step happens; snapshot params if recorded."""
+        self._stepped = True
+        if self._schedule(self._step):
+            with torch.no_grad():
+                self._before = [p.detach().clone() for p in self._params]
+
+    def _arm(self) -> None:
+        """Install forward hooks (activations) and output-gradient hooks for one step."""
+        if self._armed or not self.events or not self._hook_modules:
+            self._armed = self._armed or False
+            return
+        for name, mod in self._hook_modules:
+            self._hook_handles.append(mod.register_forward_hook(self._make_forward_hook(name)))
+        self._armed = True
+
+    def _disarm(self) -> None:
+        """Remove the per-step hooks."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+        self._armed = False
+
+    def _make_forward_hook(self, name: str):
+        items = self
+
+        def grad_hook(tensor_name: str):
+            def hook(g: torch.Tensor) -> None:
+                items._check_hooked("backward", name, tensor_name, g)
+
+            return hook
+
+        def forward_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():  # evaluation passes are not training steps
+                return
+            ins = _tensors(inputs)
+            for i, t in enumerate(ins):
+                items._check_hooked("forward", name, "input" if i == 0 else f"input{i}", t)
+            outs = _tensors(output)
+            for i, t in enumerate(outs):
+                tname = "output" if i == 0 else f"output{i}"
+                items._check_hooked("forward", name, tname, t)
+                if t.requires_grad:
+                    t.register_hook(grad_hook("grad_" + tname))
+
+        return forward_hook
+
+    def _check_hooked(self, phase: str, layer: str, tensor: str, t: torch.Tensor) -> None:
+        """Check one hooked tensor; on CPU decide at once, elsewhere keep its norm for `step`."""
+        t = t.detach()
+        norm = torch.linalg.vector_norm(t, dtype=torch.float32)
+        if t.device.type == "cpu":
+            if not math.isfinite(float(norm)):
+                self._hook_items.append((phase, layer, tensor, t, M.count_vector(t)))
+        else:
+            self._hook_items.append((phase, layer, tensor, t, norm))
+
+    # ------------------------------------------------------------------ measurement
+    def _grad_scale(self) -> float:
+        """Current GradScaler scale (NaN without an enabled scaler)."""
+        sc = self.scaler
+        if sc is None or (hasattr(sc, "is_enabled") and not sc.is_enabled()):
+            return math.nan
+        return float(sc.get_scale())
+
+    def _cheap_check(self, loss_v: Any) -> bool:
+        """Finiteness of the loss (and, for ``"grads"``, all gradients): one host sync."""
+        if self.check_finite == "grads":
+            grads = [p.grad for p in self._params if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                if self._cpu:
+                    total = sum(float(n) for n in norms)
+                else:
+                    total = torch.stack([n.float() for n in norms]).sum()
+                    if isinstance(loss_v, torch.Tensor):
+                        total = total + loss_v.float()
+                        return bool(torch.isfinite(total))
+                    total = float(total)
+                if not math.isfinite(total):
+                    return False
+        return math.isfinite(float(loss_v))
+
+    def _state_items(self) -> list[tuple[str, str, str, torch.Tensor, float]]:
+        """(layer, short, key, tensor, eps) of generic optimizer state (optimizers w/o factors)."""
+        out = []
+        if self._has_factors:
+            return out
+        state = self.optimizer.state
+        for group in self.optimizer.param_groups:
+            eps = group.get("eps", 0.0)
+            eps = float(eps) if isinstance(eps, (int, float)) else 0.0
+            for p in group["params"]:
+                st = state.get(p)
+                if not st:
+                    continue
+                layer, short = self._names[self._index[id(p)]]
+                for key, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.is_floating_point():
+                        out.append((layer, short, str(key), v, eps))
+        return out
+
+    def _factors(self) -> list[tuple[str, str, Any, torch.Tensor]]:
+        """(layer, factor, view, dense copy) from ``preconditioner_factors()``, if offered."""
+        if not self._has_factors:
+            return []
+        out = []
+        for layer, lf in self.optimizer.preconditioner_factors().items():
+            for fname, view in lf.factors.items():
+                out.append((str(layer), str(fname), view, view.dense()))
+        return out
+
+    def _inspect(
+        self,
+        step: int,
+        loss_v: Any,
+        hook_items: list[tuple],
+        skipped: bool,
+        grad_scale: float,
+        candidates: list[tuple[str, str, str, torch.Tensor]] | None = None,
+        norms: list[float] | None = None,
+    ) -> None:
+        """Find NaN/Inf in hooked tensors, loss, grads, params, factors, state; add events."""
+        if candidates is None:
+            with torch.no_grad():
+                candidates = self._candidates(loss_v, self._factors())
+                norms = _norms([c[3] for c in candidates])
+        found: list[tuple[str, str, str, torch.Tensor, torch.Tensor]] = []
+        for (phase, layer, tname, t), n in zip(candidates, norms):
+            if not math.isfinite(n):
+                found.append((phase, layer, tname, t, M.count_vector(t)))
+        for phase, layer, tname, t, extra in hook_items:
+            if extra.numel() == 1:  # a norm kept on device: resolve now
+                if math.isfinite(float(extra)):
+                    continue
+                extra = M.count_vector(t)
+            found.append((phase, layer, tname, t, extra))
+        if not found:
+            return
+        counts = torch.stack([f[4].to("cpu") for f in found]).tolist()
+        merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for (phase, layer, tname, t, _), (nan, pos, neg, absmax) in zip(found, counts):
+            if nan + pos + neg == 0:
+                continue  # a norm overflowed, the tensor itself is finite
+            key = (phase, layer, tname)
+            ev = merged.get(key)
+            if ev is None:
+                merged[key] = {
+                    "step": step,
+                    "phase": phase,
+                    "layer": layer,
+                    "tensor": tname,
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": str(tuple(t.shape)),
+                    "numel": t.numel(),
+                    "n_nan": int(nan),
+                    "n_posinf": int(pos),
+                    "n_neginf": int(neg),
+                    "finite_absmax": float(absmax),
+                    "grad_scale": grad_scale,
+                    "skipped": skipped,
+                }
+            else:
+                ev["n_nan"] += int(nan)
+                ev["n_posinf"] += int(pos)
+                ev["n_neginf"] += int(neg)
+                ev["numel"] += t.numel()
+                ev["finite_absmax"] = max(ev["finite_absmax"], float(absmax))
+        room = self.max_events - len(self._events)
+        new = list(merged.values())
+        if len(new) > room:
+            if not self._warned_events:
+                import warnings
+
+                warnings.warn(
+                    f"Recorder: more than max_events={self.max_events} NaN/Inf events; "
+                    "further events are dropped",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_events = True
+            new = new[: max(room, 0)]
+        self._events.extend(new)
+
+    def _candidates(
+        self,
+        loss_v: Any,
+        factors: list[tuple[str, str, Any, torch.Tensor]],
+        *,
+        full: bool = True,
+        state: bool = True,
+    ) -> list[tuple[str, str, str, torch.Tensor]]:
+        """Tensors looked at (for events and norms), each with its phase, layer and name.
+
+        Always the loss and gradients; with ``full`` also parameters and factors; with
+        ``state`` the generic optimizer state (optimizers without factors).
+        """
+        out: list[tuple[str, str, str, torch.Tensor]] = []
+        if isinstance(loss_v, torch.Tensor):
+            out.append(("forward", MODEL, "loss", loss_v))
+        elif not math.isfinite(loss_v):
+            out.append(("forward", MODEL, "loss", torch.tensor(loss_v, dtype=torch.float64)))
+        for p, (layer, short) in zip(self._params, self._names):
+            g = p.grad
+            if g is not None and g.is_floating_point():
+                out.append(("backward", layer, short + ".grad", g))
+        if full:
+            for p, (layer, short) in zip(self._params, self._names):
+                if p.is_floating_point():
+                    out.append(("parameter update", layer, short, p))
+            for layer, fname, _, dense in factors:
+                out.append(("preconditioner update", layer, fname, dense))
+        if state:
+            for layer, short, key, t, _ in self._state_items():
+                out.append(("preconditioner update", layer, f"{short}.{key}", t))
+        return out
+
+    @torch.no_grad()
+    def _record(
+        self, s: int, row: dict[str, Any], loss_v: Any, skipped: bool, hook_items: list[tuple]
+    ) -> None:
+        """Everything a recorded step measures."""
+        grad_scale = self._grad_scale()
+        row["grad_scale"] = grad_scale
+        factors = self._factors()
+        cands = self._candidates(
+            loss_v, factors, full=self.events, state=self.events or self.spectra
+        )
+        before = self._before
+        n_upd = 0
+        tensors = [c[3] for c in cands]
+        if before is not None and len(before) == len(self._params):
+            torch._foreach_sub_(before, self._params)  # before <- before - after = -update
+            tensors.extend(before)
+            n_upd = len(before)
+        all_norms = _norms(tensors)
+        norms = all_norms[: len(cands)]
+        upd_norms = all_norms[len(cands) :] if n_upd else []
+        if self.events:
+            self._inspect(s, loss_v, hook_items, skipped, grad_scale, cands, norms)
+        mrows = self._metrics
+        # per-layer and total norms of gradients, parameters, updates; optimizer state norms
+        sq: dict[str, dict[str, float]] = {"grad": {}, "param": {}, "update": {}}
+        for (phase, layer, tname, _), n in zip(cands, norms):
+            if phase == "backward":
+                d = sq["grad"]
+            elif phase == "parameter update":
+                d = sq["param"]
+            else:
+                if phase == "preconditioner update" and "." in tname:
+                    mrows.append((s, layer, tname, "norm", n))
+                continue
+            d[layer] = d.get(layer, 0.0) + n * n
+        for (layer, _), n in zip(self._names, upd_norms):
+            sq["update"][layer] = sq["update"].get(layer, 0.0) + n * n
+        for kind, d in sq.items():
+            for layer, v in d.items():
+                mrows.append((s, layer, kind, "norm", math.sqrt(v)))
+        g2, p2, u2 = sq["grad"], sq["param"], sq["update"]
+        row["grad_norm"] = math.sqrt(sum(g2.values())) if g2 else math.nan
+        row["param_norm"] = math.sqrt(sum(p2.values())) if p2 else math.nan
+        row["update_norm"] = math.sqrt(sum(u2.values())) if u2 else (0.0 if skipped else math.nan)
+        for i, g in enumerate(self.optimizer.param_groups):
+            if "lr" in g:
+                mrows.append((s, f"group{i}", "optimizer", "lr", float(g["lr"])))
+        # factors (SINGD / KFAC): on the worker thread when there is one
+        if factors:
+            jobs = [
+                (layer, fname, v.role, v.structure, dense) for layer, fname, v, dense in factors
+            ]
+            if self.workers:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="recorder")
+                self._pending.append(self._pool.submit(self._factor_job, s, jobs))
+            else:
+                self._merge(self._factor_job(s, jobs))
+        # generic optimizer state (AdamW & co): second-moment statistics
+        if self.spectra:
+            for layer, short, key, t, eps in self._state_items():
+                if key in _SECOND_MOMENT_KEYS:
+                    for metric, v in M.second_moment_summary(t, eps).items():
+                        mrows.append((s, layer, f"{short}.{key}", metric, v))
+        if self.memory:
+            self._record_memory(s)
+
+    def _factor_job(self, s: int, jobs: list[tuple]) -> tuple[list[tuple], dict[str, list]]:
+        """Spectra and metrics of the factor copies taken at step ``s`` (any thread)."""
+        rows: list[tuple] = []
+        sp: dict[str, list] = {k: [] for k in ("step", "layer", "factor", "index", "value")}
+        with torch.no_grad():
+            for layer, fname, role, structure, dense in jobs:
+                summ = M.summarize_matrix(
+                    dense,
+                    role,
+                    structure,
+                    max_dim=self.max_dim,
+                    power_iters=self.power_iters,
+                    spectrum=self.spectra,
+                )
+                for metric, v in summ.metrics.items():
+                    rows.append((s, layer, fname, metric, v))
+                n = summ.eigenvalues.size
+                if n:
+                    rows.append((s, layer, fname, "spectrum_estimated", float(summ.estimated)))
+                    sp["step"].extend([s] * n)
+                    sp["layer"].extend([layer] * n)
+                    sp["factor"].extend([fname] * n)
+                    sp["index"].extend(range(n))
+                    sp["value"].extend(summ.eigenvalues.tolist())
+        return rows, sp
+
+    def _merge(self, result: tuple[list[tuple], dict[str, list]]) -> None:
+        """Add a factor job's rows to the collected data."""
+        rows, sp = result
+        self._metrics.extend(rows)
+        for k, v in sp.items():
+            self._spectra[k].extend(v)
+        self._cache = None
+
+    def _drain(self, wait: bool) -> None:
+        """Merge finished factor jobs in submission order (all of them when ``wait``)."""
+        while self._pending and (wait or self._pending[0].done()):
+            self._merge(self._pending.pop(0).result())
+
+    def _record_memory(self, s: int) -> None:
+        """Optimizer state bytes per layer/component and the process peaks since last time."""
+        rows = self._memory
+        if self._has_state_bytes:
+            for layer, comps in self.optimizer.state_bytes().items():
+                for comp, b in comps.items():
+                    rows.append((s, str(layer), str(comp), int(b)))
+        else:
+            per: dict[tuple[str, str], int] = {}
+            for p, (layer, _) in zip(self._params, self._names):
+                st = self.optimizer.state.get(p)
+                if st:
+                    for key, b in M.state_bytes_by_key(st).items():
+                        per[(layer, key)] = per.get((layer, key), 0) + b
+            for (layer, key), b in per.items():
+                rows.append((s, layer, key, b))
+        rss = M.read_peak_rss()
+        if rss is not None:
+            rows.append((s, PROCESS, "peak_rss", rss))
+            if self._peak_reset:
+                M.reset_peak_rss()
+        cuda = M.cuda_peak_bytes(reset=True)
+        if cuda is not None:
+            rows.append((s, PROCESS, "cuda_max_allocated", cuda))
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> Recording:
+        """Turn the collected rows into a `Recording` (waits for pending factor jobs)."""
+        self._drain(wait=True)
+        for r in self._steps:
+            if isinstance(r["loss"], torch.Tensor):
+                r["loss"] = float(r["loss"])
+        steps = frame_from_rows("steps", self._steps)
+        metrics = frame_from_rows(
+            "metrics",
+            {k: [r[i] for r in self._metrics] for i, k in enumerate(COLUMNS["metrics"])},
+        )
+        spectra = frame_from_rows("spectra", self._spectra)
+        if self.workers:  # factor jobs finish after later steps' rows: restore step order
+            metrics = metrics.sort_values("step", kind="stable", ignore_index=True)
+            spectra = spectra.sort_values("step", kind="stable", ignore_index=True)
+        events = frame_from_rows("events", self._events)
+        memory = frame_from_rows(
+            "memory",
+            {k: [r[i] for r in self._memory] for i, k in enumerate(COLUMNS["memory"])},
+        )
+        meta = dict(self.meta)
+        return Recording(
+            name=self.name,
+            steps=steps,
+            metrics=metrics,
+            spectra=spectra,
+            events=events,
+            memory=memory,
+            meta=meta,
+            summary=self.summary,
+        )

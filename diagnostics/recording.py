@@ -1,0 +1,349 @@
+"""`Recording`: what a `Recorder` saw during one run, as pandas DataFrames, and its file format.
+
+File format (version 1): one ZIP archive written atomically (temporary file in the same
+directory, fsync, ``os.replace``). Its first member ``singd-lab-recording.json`` holds
+``{"format": "singd-lab-recording", "version": 1}``; ``recording.json`` holds the name,
+``meta``, ``summary`` and, per frame, its columns with their pandas dtypes; numeric and
+boolean columns are stored as ``.npy`` arrays (``allow_pickle=False``), text columns as
+JSON lists. ZIP keeps a CRC per member, so a truncated or altered file fails loudly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FORMAT = "singd-lab-recording"
+VERSION = 1
+_HEADER = "singd-lab-recording.json"
+_BODY = "recording.json"
+
+#: Columns (and dtypes) of each frame; a fresh recording has these even with zero rows.
+COLUMNS: dict[str, dict[str, str]] = {
+    # one row per training step the recorder saw; norms/lr only on recorded steps (else NaN)
+    "steps": {
+        "step": "int64",
+        "recorded": "bool",
+        "loss": "float64",
+        "grad_norm": "float64",
+        "update_norm": "float64",
+        "param_norm": "float64",
+        "lr": "float64",
+        "step_time_s": "float64",
+        "record_time_s": "float64",
+        "grad_scale": "float64",
+        "skipped": "bool",
+    },
+    # tidy: one row per step x layer x factor x metric
+    "metrics": {
+        "step": "int64",
+        "layer": "str",
+        "factor": "str",
+        "metric": "str",
+        "value": "float64",
+    },
+    # eigenvalues of each preconditioner factor (descending; index 0 = largest)
+    "spectra": {
+        "step": "int64",
+        "layer": "str",
+        "factor": "str",
+        "index": "int64",
+        "value": "float64",
+    },
+    # one row per NaN/Inf event
+    "events": {
+        "step": "int64",
+        "phase": "str",
+        "layer": "str",
+        "tensor": "str",
+        "dtype": "str",
+        "shape": "str",
+        "numel": "int64",
+        "n_nan": "int64",
+        "n_posinf": "int64",
+        "n_neginf": "int64",
+        "finite_absmax": "float64",
+        "grad_scale": "float64",
+        "skipped": "bool",
+    },
+    # one row per step x layer x component (optimizer state; "(process)" rows are peaks)
+    "memory": {
+        "step": "int64",
+        "layer": "str",
+        "component": "str",
+        "bytes": "int64",
+    },
+}
+
+#: The phases an event can belong to.
+PHASES = ("forward", "backward", "preconditioner update", "parameter update")
+
+
+def _str_dtype() -> str:
+    """The dtype name pandas uses for text on this version (``"str"`` on pandas >= 3)."""
+    return str(pd.Series(["a"]).dtype)
+
+
+def empty_frame(kind: str) -> pd.DataFrame:
+    """A zero-row frame with the columns and dtypes of ``kind`` (a key of `COLUMNS`)."""
+    if kind not in COLUMNS:
+        raise ValueError(f"kind must be one of {sorted(COLUMNS)}, got {kind!r}")
+    return frame_from_rows(kind, [])
+
+
+def frame_from_rows(kind: str, rows: list[dict[str, Any]] | dict[str, list]) -> pd.DataFrame:
+    """Build a frame of ``kind`` from row dicts (or column lists) with the standard dtypes.
+
+    Extra columns (for ``steps``: scalars logged with `Recorder.log`) are kept as float64.
+    """
+    spec = COLUMNS[kind]
+    df = pd.DataFrame(rows)
+    for col in spec:
+        if col not in df.columns:
+            df[col] = pd.Series([], dtype=object) if len(df) == 0 else None
+    out = {}
+    text = _str_dtype()
+    for col, dtype in spec.items():
+        s = df[col]
+        if dtype == "str":
+            out[col] = s.astype(object).where(s.notna(), "").astype(str).astype(text)
+        elif dtype == "bool":
+            out[col] = s.fillna(False).astype(bool)
+        else:
+            out[col] = s.astype(dtype) if dtype != "float64" else pd.to_numeric(s).astype(dtype)
+    for col in df.columns:
+        if col not in spec:
+            out[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    return pd.DataFrame(out, index=pd.RangeIndex(len(df)))
+
+
+@dataclass
+class Recording:
+    """Everything recorded in one run: DataFrames, run metadata and summary numbers.
+
+    - ``steps``: per-step scalars (loss, grad/update norm, lr, wall time, grad scale, skipped).
+    - ``metrics``: tidy ``step, layer, factor, metric, value``.
+    - ``spectra``: eigenvalues per ``step, layer, factor`` (``index`` 0 = largest).
+    - ``events``: NaN/Inf events (`COLUMNS` lists the fields).
+    - ``memory``: ``step, layer, component, bytes``; layer ``"(process)"`` holds peaks.
+    - ``meta``: run metadata (config, versions, seed, optimizer, recorder settings).
+    - ``summary``: summary numbers set by training code, e.g. ``summary["test_accuracy"]``.
+    """
+
+    name: str = "run"
+    steps: pd.DataFrame = field(default_factory=lambda: empty_frame("steps"))
+    metrics: pd.DataFrame = field(default_factory=lambda: empty_frame("metrics"))
+    spectra: pd.DataFrame = field(default_factory=lambda: empty_frame("spectra"))
+    events: pd.DataFrame = field(default_factory=lambda: empty_frame("events"))
+    memory: pd.DataFrame = field(default_factory=lambda: empty_frame("memory"))
+    meta: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    FRAMES = ("steps", "metrics", "spectra", "events", "memory")
+
+    # ------------------------------------------------------------------ convenience
+    def layers(self) -> list[str]:
+        """Layers that have factor metrics, in first-seen order."""
+        return list(dict.fromkeys(self.metrics["layer"].tolist()))
+
+    def factors(self, layer: str | None = None) -> list[str]:
+        """Factors recorded (for one layer, or for any), in first-seen order."""
+        m = self.metrics if layer is None else self.metrics[self.metrics["layer"] == layer]
+        return list(dict.fromkeys(m["factor"].tolist()))
+
+    def metric(self, metric: str, layer: str | None = None, factor: str | None = None):
+        """Rows of ``metrics`` for one metric name (optionally one layer / factor)."""
+        m = self.metrics
+        sel = m["metric"] == metric
+        if layer is not None:
+            sel &= m["layer"] == layer
+        if factor is not None:
+            sel &= m["factor"] == factor
+        return m[sel]
+
+    def peak_memory_bytes(self) -> int | None:
+        """Largest process peak memory seen (RSS or CUDA, whichever is larger), or None."""
+        mem = self.memory[self.memory["layer"] == "(process)"]
+        return int(mem["bytes"].max()) if len(mem) else None
+
+    def state_bytes(self, step: int | None = None) -> pd.DataFrame:
+        """Optimizer state bytes per layer and component at ``step`` (default: last recorded)."""
+        mem = self.memory[self.memory["layer"] != "(process)"]
+        if len(mem) == 0:
+            return mem
+        s = int(mem["step"].max()) if step is None else step
+        return mem[mem["step"] == s].reset_index(drop=True)
+
+    def summary_row(self) -> dict[str, Any]:
+        """Summary numbers of this run (for tables comparing runs)."""
+        st = self.steps
+        losses = st["loss"].dropna()
+        times = st["step_time_s"].dropna()
+        sb = self.state_bytes()
+        row: dict[str, Any] = {
+            "run": self.name,
+            "steps": int(len(st)),
+            "final_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
+            "min_loss": float(losses.min()) if len(losses) else math.nan,
+            "nan_inf_events": int(len(self.events)),
+            "skipped_steps": int(st["skipped"].sum()),
+            "optimizer_state_bytes": int(sb["bytes"].sum()) if len(sb) else 0,
+            "peak_memory_bytes": self.peak_memory_bytes(),
+            "time_per_step_s": float(times.median()) if len(times) else math.nan,
+        }
+        for key, value in self.summary.items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                row.setdefault(key, value)
+        return row
+
+    # ------------------------------------------------------------------ file format
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this recording to ``path`` as one file, atomically; returns the path."""
+        path = Path(path)
+        body: dict[str, Any] = {
+            "name": self.name,
+            "meta": _json_ready(self.meta, "meta"),
+            "summary": _json_ready(self.summary, "summary"),
+            "frames": {},
+        }
+        arrays: dict[str, bytes] = {}
+        for fname in self.FRAMES:
+            df = getattr(self, fname)
+            if not isinstance(df, pd.DataFrame):
+                raise TypeError(f"Recording.{fname} must be a pandas DataFrame")
+            body["frames"][fname] = _encode_frame(df, fname, arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                    zf.writestr(_HEADER, json.dumps({"format": FORMAT, "version": VERSION}))
+                    zf.writestr(_BODY, json.dumps(body, allow_nan=True))
+                    for member, data in arrays.items():
+                        zf.writestr(member, data)
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recording:
+        """Read a recording written by `save`; a truncated or foreign file raises ValueError."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no recording at {str(path)!r}")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+                if not names or names[0] != _HEADER:
+                    raise ValueError(f"{str(path)!r} is not a singd-lab recording (no header)")
+                header = json.loads(zf.read(_HEADER))
+                if header.get("format") != FORMAT:
+                    raise ValueError(f"{str(path)!r} is not a singd-lab recording")
+                if header.get("version") != VERSION:
+                    raise ValueError(
+                        f"{str(path)!r} has recording format version {header.get('version')!r}; "
+                        f"this code reads version {VERSION}"
+                    )
+                body = json.loads(zf.read(_BODY))
+                frames = {fname: _decode_frame(body["frames"][fname], zf) for fname in cls.FRAMES}
+        except zipfile.BadZipFile as err:
+            raise ValueError(
+                f"{str(path)!r} is truncated, corrupt or not a singd-lab recording ({err})"
+            ) from err
+        except (KeyError, json.JSONDecodeError, EOFError, OSError) as err:
+            raise ValueError(f"{str(path)!r} is a damaged singd-lab recording ({err!r})") from err
+        return cls(name=body["name"], meta=body["meta"], summary=body["summary"], **frames)
+
+
+def _json_ready(obj: Any, what: str) -> Any:
+    """Check that ``obj`` is JSON data (dict/list/str/number/bool/None); tuples become lists."""
+    try:
+        return json.loads(json.dumps(obj, allow_nan=True, default=_json_default))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"Recording.{what} must hold JSON data only: {err}") from err
+
+
+def _json_default(value: Any) -> Any:
+    """Numbers from numpy / torch become Python numbers; anything else is refused."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON data")
+
+
+def _encode_frame(df: pd.DataFrame, fname: str, arrays: dict[str, bytes]) -> dict[str, Any]:
+    """Describe a frame for recording.json, putting numeric columns into ``arrays``."""
+    cols = []
+    for i, col in enumerate(df.columns):
+        s = df[col]
+        dtype = s.dtype
+        entry: dict[str, Any] = {"name": str(col), "dtype": str(dtype)}
+        if not isinstance(col, str):
+            raise TypeError(f"Recording.{fname}: column names must be str, got {col!r}")
+        if isinstance(dtype, np.dtype) and dtype.kind in "biufcmM":
+            member = f"frames/{fname}/{i}.npy"
+            buf = io.BytesIO()
+            np.save(buf, s.to_numpy(), allow_pickle=False)
+            arrays[member] = buf.getvalue()
+            entry["npy"] = member
+        elif pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype):
+            values = []
+            for v in s.tolist():
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    values.append(None)
+                elif isinstance(v, str):
+                    values.append(v)
+                else:
+                    raise TypeError(
+                        f"Recording.{fname}[{col!r}] holds {type(v).__name__}; "
+                        "text columns must hold str or missing values"
+                    )
+            entry["values"] = values
+        else:
+            raise TypeError(f"Recording.{fname}[{col!r}] has unsupported dtype {dtype}")
+        cols.append(entry)
+    index = None
+    if not (isinstance(df.index, pd.RangeIndex) and df.index.start == 0 and df.index.step == 1):
+        member = f"frames/{fname}/index.npy"
+        buf = io.BytesIO()
+        np.save(buf, df.index.to_numpy(), allow_pickle=False)
+        arrays[member] = buf.getvalue()
+        index = member
+    return {"columns": cols, "rows": int(len(df)), "index": index}
+
+
+def _decode_frame(spec: dict[str, Any], zf: zipfile.ZipFile) -> pd.DataFrame:
+    """Rebuild a frame written by `_encode_frame`, with the same dtypes."""
+    data = {}
+    n = int(spec["rows"])
+    for entry in spec["columns"]:
+        if "npy" in entry:
+            arr = np.load(io.BytesIO(zf.read(entry["npy"])), allow_pickle=False)
+            s = pd.Series(arr, dtype=entry["dtype"])
+        else:
+            dtype = entry["dtype"]
+            s = pd.Series(entry["values"], dtype=object if dtype == "object" else dtype)
+        if len(s) != n:
+            raise ValueError(f"column {entry['name']!r} has {len(s)} rows, expected {n}")
+        data[entry["name"]] = s
+    if spec.get("index"):
+        index = pd.Index(np.load(io.BytesIO(zf.read(spec["index"])), allow_pickle=False))
+    else:
+        index = pd.RangeIndex(n)
+    df = pd.DataFrame(data, index=pd.RangeIndex(n))
+    df.index = index
+    return df
