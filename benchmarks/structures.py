@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
     claims["toeplitz_fft_ms"] = median_ms(lambda: S.from_inner(X), args.repeats, args.budget)
     claims["toeplitz_dense_ms"] = median_ms(dense_path, 3, args.budget)
     # Diagonal from_inner(X) time vs d: least-squares slope of log t on log d.
-    fit_dims = [1024, 4096, 16384, 65536]
+    fit_dims = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     times = []
     for d in fit_dims:
         X = torch.randn(d, args.rows, generator=gen)
@@ -131,7 +132,8 @@ def markdown(rows: list[dict], claims: dict[str, float], args: argparse.Namespac
     out = [
         "",
         f"Command: `{cmd}` (torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"{platform.machine()} CPU `{platform.processor() or 'unknown'}`, float32, "
+        f"{platform.machine()} CPU, {os.cpu_count()} cores shared, load average "
+        f"{os.getloadavg()[0]:.1f} at the end of the run, float32, "
         f"X of shape (d, {args.rows})). Each cell: median time in ms / peak extra memory in "
         "MiB (torch.profiler memory events, output included). Dense-storage structures "
         f"(dense, tril, triu) stop at d = {args.max_dense_dim}.",

@@ -136,7 +136,10 @@ class StructuredMatrix(ABC):
 
     # ------------------------------------------------------------------ state
     def to_dict(self) -> dict[str, Tensor]:
-        """The stored tensors as a flat dict (for ``state_dict``); ``from_dict`` inverts it."""
+        """The stored tensors as a flat dict (for ``state_dict``); ``from_dict`` inverts it.
+
+        The values are the live storage (no copies), like ``torch.optim`` state tensors.
+        """
         return {f: getattr(self, f) for f in self._fields}
 
     @classmethod
@@ -210,8 +213,12 @@ class StructuredMatrix(ABC):
     def add_(self, other: StructuredMatrix, alpha: Scalar = 1.0) -> StructuredMatrix:
         """In place ``self += alpha * other`` (same structure and dim); returns ``self``."""
         self._check_same(other, "add_")
-        for a, b in zip(self._tensors(), other._tensors()):
-            a.add_(b, alpha=alpha)
+        if isinstance(alpha, Tensor):  # torch's alpha= takes numbers only
+            for a, b in zip(self._tensors(), other._tensors()):
+                a.add_(b * alpha)
+        else:
+            for a, b in zip(self._tensors(), other._tensors()):
+                a.add_(b, alpha=alpha)
         return self
 
     def mul_(self, value: Scalar) -> StructuredMatrix:

@@ -223,6 +223,7 @@ def test_every_operation_matches_dense_math(name, d, dtype, symmetric):
     check(
         R.to_dense(), 3 * (A - 0.5 * B) + 0.25 * torch.eye(d, dtype=A.dtype), 3 * (Aa + Ba), dtype
     )
+    R.add_(T, alpha=torch.tensor(0.5)).add_(T, alpha=-0.5)  # 0-dim tensor alpha
     R.mul_(torch.tensor(2.0, dtype=dtype))
     check(R.to_dense(), 6 * (A - 0.5 * B) + 0.5 * torch.eye(d, dtype=A.dtype), 6 * (Aa + Ba), dtype)
     assert torch.equal(S.to_dense().double(), A), "clone shares storage with the original"
