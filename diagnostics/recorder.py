@@ -55,6 +55,7 @@ from diagnostics.recording import COLUMNS, Recording, frame_from_rows
 Schedule = int | Iterable[int] | Callable[[int], bool]
 Listener = Callable[["Recorder", int], None]
 
+_LOW = (torch.float16, torch.bfloat16)
 _SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf")
 PROCESS = "(process)"
 MODEL = "(model)"
@@ -95,14 +96,28 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def _norms(tensors: list[torch.Tensor]) -> list[float]:
-    """2-norms (computed in float32, one fused op where possible) as Python floats, one sync."""
+    """2-norms as Python floats (16-bit tensors reduced in float32), one host sync.
+
+    A norm is non-finite exactly when the tensor holds NaN/Inf, or when the norm itself
+    overflows (then a later detailed count finds nothing and no event is made).
+    """
     if not tensors:
         return []
-    try:
-        out = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    except (RuntimeError, TypeError):  # pragma: no cover - old torch / unusual tensors
-        out = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
-    return torch.stack([o.to(out[0].device) for o in out]).double().cpu().tolist()
+    low = [i for i, t in enumerate(tensors) if t.dtype in _LOW]
+    high = [i for i, t in enumerate(tensors) if t.dtype not in _LOW]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for idx, kw in ((low, {"dtype": torch.float32}), (high, {})):
+        if not idx:
+            continue
+        group = [tensors[i] for i in idx]
+        try:
+            res = torch._foreach_norm(group, 2, **kw)
+        except (RuntimeError, TypeError):  # pragma: no cover - unusual tensors / old torch
+            res = [torch.linalg.vector_norm(t, **kw) for t in group]
+        for i, r in zip(idx, res):
+            out[i] = r
+    dev = out[0].device
+    return torch.stack([o.to(dev, torch.float64) for o in out]).cpu().tolist()
 
 
 def _json_scalar(value: Any) -> Any:
@@ -470,7 +485,7 @@ class Recorder:
     def _check_hooked(self, phase: str, layer: str, tensor: str, t: torch.Tensor) -> None:
         """Check one hooked tensor; on CPU decide at once, elsewhere keep its norm for `step`."""
         t = t.detach()
-        norm = torch.linalg.vector_norm(t, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _LOW else None)
         if t.device.type == "cpu":
             if not math.isfinite(float(norm)):
                 self._hook_items.append((phase, layer, tensor, t, M.count_vector(t)))

@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,7 @@ class Recording:
             raise ValueError(
                 f"{str(path)!r} is truncated, corrupt or not a singd-lab recording ({err})"
             ) from err
-        except (KeyError, json.JSONDecodeError, EOFError, OSError) as err:
+        except (KeyError, TypeError, json.JSONDecodeError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{str(path)!r} is a damaged singd-lab recording ({err!r})") from err
         return cls(name=body["name"], meta=body["meta"], summary=body["summary"], **frames)
 

@@ -1,0 +1,453 @@
+"""Tests of diagnostics.Recorder: schedule, norms, factors, events, memory, no side effects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diagnostics import Recorder
+from diagnostics.recorder import make_schedule
+from singd.views import FactorView, LayerFactors
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def _train(model, opt, rec, steps, *, before_step=None, scaler=None):
+    x, y = _data()
+    for i in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if before_step is not None:
+                before_step(i)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if before_step is not None:
+                before_step(i)
+            opt.step()
+        if rec is not None:
+            rec.step(loss=loss)
+    return model
+
+
+class FakeFactorOptimizer(torch.optim.SGD):
+    """SGD that also offers the SINGD view (dense factors with known spectra, known bytes)."""
+
+    def __init__(self, params, k: torch.Tensor, c: torch.Tensor) -> None:
+        super().__init__(params, lr=0.1)
+        self.k, self.c = k, c
+
+    def preconditioner_factors(self) -> dict[str, LayerFactors]:
+        return {
+            "0": LayerFactors(
+                "0",
+                "Linear",
+                {
+                    "K": FactorView(self.k, "root", "dense"),
+                    "C": FactorView(self.c, "root", "diagonal"),
+                    "m_K": FactorView(torch.zeros_like(self.k), "momentum", "dense"),
+                },
+            )
+        }
+
+    def state_bytes(self) -> dict[str, dict[str, int]]:
+        return {"0": {"K": self.k.numel() * 4, "C": 12, "momentum": 100}}
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def test_schedule_every_n_list_and_callable():
+    assert [s for s in range(10) if make_schedule(3)(s)] == [0, 3, 6, 9]
+    assert [s for s in range(10) if make_schedule([1, 4])(s)] == [1, 4]
+    assert [s for s in range(10) if make_schedule(lambda s: s > 7)(s)] == [8, 9]
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, "10", [1, -1], 2.5])
+def test_bad_schedule_is_refused(bad):
+    with pytest.raises((TypeError, ValueError), match="every"):
+        make_schedule(bad)
+
+
+def test_recorded_steps_follow_the_schedule():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=[0, 2, 3])
+    _train(model, opt, rec, 5)
+    st = rec.recording.steps
+    assert st["step"].tolist() == [0, 1, 2, 3, 4]
+    assert st["recorded"].tolist() == [True, False, True, True, False]
+    assert sorted(set(rec.recording.metrics["step"])) == [0, 2, 3]
+
+
+def test_bad_arguments_are_refused_with_clear_errors():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="optimizer"):
+        Recorder(model, model)
+    with pytest.raises(ValueError, match="check_finite"):
+        Recorder(opt, model, check_finite="sometimes")
+    with pytest.raises(TypeError, match="scaler"):
+        Recorder(opt, model, scaler=object())
+    with pytest.raises(ValueError, match="workers"):
+        Recorder(opt, model, workers=-1)
+    rec = Recorder(opt, model)
+    with pytest.raises(ValueError, match="scalar"):
+        rec.step(loss=torch.ones(3))
+
+
+# ---------------------------------------------------------------------------- per-step scalars
+
+
+def test_grad_update_norms_and_lr_match_hand_computation_for_adamw():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rec = Recorder(opt, model, every=2)
+    x, y = _data()
+    expected = {}
+    for i in range(3):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        gn = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+        un = torch.sqrt(
+            sum(((p.detach() - b).double() ** 2).sum() for p, b in zip(model.parameters(), before))
+        )
+        expected[i] = (loss.item(), float(gn), float(un))
+        rec.step(loss=loss)
+    st = rec.recording.steps.set_index("step")
+    for s in (0, 2):
+        loss, gn, un = expected[s]
+        assert st.loc[s, "loss"] == pytest.approx(loss, rel=1e-6)
+        assert st.loc[s, "grad_norm"] == pytest.approx(gn, rel=1e-5)
+        assert st.loc[s, "update_norm"] == pytest.approx(un, rel=1e-5)
+        assert st.loc[s, "lr"] == 0.01
+    assert math.isnan(st.loc[1, "grad_norm"])  # unrecorded: no norms
+    assert st.loc[1, "loss"] == pytest.approx(expected[1][0], rel=1e-6)
+    m = rec.recording.metrics
+    layer0 = m[(m.step == 0) & (m.layer == "0") & (m.factor == "grad")]["value"].item()
+    w, b = model[0].weight, model[0].bias
+    assert layer0 > 0 and math.isfinite(layer0)
+    assert set(m[m.step == 0]["factor"]) >= {"grad", "param", "update", "optimizer"}
+    assert {"weight.exp_avg_sq", "bias.exp_avg"} <= set(m[m.layer == "0"]["factor"])
+    assert w.grad is not None and b.grad is not None
+
+
+def test_adamw_state_bytes_per_layer_and_key():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 1)
+    mem = rec.recording.memory
+    opt_rows = mem[mem.layer != "(process)"]
+    got = {(r.layer, r.component): r.bytes for r in opt_rows.itertuples()}
+    assert got == {
+        ("0", "exp_avg"): (30 + 5) * 4,
+        ("0", "exp_avg_sq"): (30 + 5) * 4,
+        ("2", "exp_avg"): (15 + 3) * 4,
+        ("2", "exp_avg_sq"): (15 + 3) * 4,
+    }
+    assert (mem[mem.layer == "(process)"]["bytes"] > 0).all()
+
+
+def test_second_moment_statistics_for_adamw():
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 1)
+    v = opt.state[model[0].weight]["exp_avg_sq"]
+    m = rec.recording.metric("max", layer="0", factor="weight.exp_avg_sq")
+    assert m["value"].item() == pytest.approx(float(v.max()), rel=1e-6)
+
+
+def test_extra_scalars_and_log_become_step_columns():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model)
+    _train(model, opt, rec, 2)
+    rec.log(test_accuracy=0.75)
+    rec.log(step=0, test_accuracy=0.5)
+    st = rec.recording.steps
+    assert st["test_accuracy"].tolist() == [0.5, 0.75]
+    with pytest.raises(ValueError, match="built-in"):
+        rec.log(loss=1.0)
+
+
+def test_listeners_hear_each_recorded_step():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    heard = []
+    with Recorder(opt, model, every=2) as rec:
+        rec.add_listener(lambda r, s: heard.append((s, len(r.recording.steps))))
+        _train(model, opt, rec, 5)
+    assert heard == [(0, 1), (2, 3), (4, 5)]
+    with pytest.raises(RuntimeError, match="closed"):
+        rec.step(loss=1.0)
+
+
+# ---------------------------------------------------------------------------- factors
+
+
+def test_factor_view_optimizer_gives_known_spectra_metrics_and_state_bytes():
+    model = _mlp()
+    k = torch.diag(torch.tensor([2.0, 1.0, 0.5]))  # singular values 2, 1, .5
+    c = torch.diag(torch.tensor([3.0, 1.0]))
+    opt = FakeFactorOptimizer(model.parameters(), k, c)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 1)
+    r = rec.recording
+    assert r.metric("cond", "0", "K")["value"].item() == pytest.approx(16.0)
+    assert r.metric("sv_min", "0", "K")["value"].item() == pytest.approx(0.5)
+    assert r.metric("trace", "0", "C")["value"].item() == pytest.approx(10.0)
+    assert r.metric("norm_fro", "0", "m_K")["value"].item() == 0.0
+    sp = r.spectra[(r.spectra.layer == "0") & (r.spectra.factor == "K")]
+    assert sp["value"].tolist() == pytest.approx([4.0, 1.0, 0.25])
+    assert sp["index"].tolist() == [0, 1, 2]
+    mem = r.memory[r.memory.layer == "0"]
+    assert dict(zip(mem.component, mem.bytes)) == {"K": 36, "C": 12, "momentum": 100}
+    # the generic optimizer.state (SGD momentum buffers) is not read when the view exists
+    assert not any("momentum_buffer" in f for f in r.metrics.factor)
+
+
+def test_spectra_off_skips_eigenvalues():
+    model = _mlp()
+    opt = FakeFactorOptimizer(model.parameters(), torch.eye(3), torch.eye(2))
+    rec = Recorder(opt, model, every=1, spectra=False)
+    _train(model, opt, rec, 1)
+    assert len(rec.recording.spectra) == 0
+    assert len(rec.recording.metric("trace", "0", "K")) == 1
+    assert len(rec.recording.metric("cond")) == 0
+
+
+def test_worker_thread_gives_the_same_factor_metrics():
+    def run(workers: int):
+        model = _mlp()
+        k = torch.tensor([[2.0, 0.3, 0.0], [0.1, 1.0, 0.2], [0.0, 0.0, 0.5]])
+        opt = FakeFactorOptimizer(model.parameters(), k, torch.eye(2))
+        rec = Recorder(opt, model, every=1, workers=workers)
+        _train(model, opt, rec, 3)
+        rec.close()
+        return rec.recording
+
+    a, b = run(0), run(1)
+    cols = ["step", "layer", "factor", "metric", "value"]
+    assert a.spectra.equals(b.spectra)
+    sa = a.metrics[cols].sort_values(cols[:4]).reset_index(drop=True)
+    sb = b.metrics[cols].sort_values(cols[:4]).reset_index(drop=True)
+    assert sa.drop(columns="value").equals(sb.drop(columns="value"))
+    same = (sa["value"] == sb["value"]) | (sa["value"].isna() & sb["value"].isna())
+    assert same[sa["factor"].isin(["K", "C", "m_K"])].all()
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def _event_keys(rec):
+    ev = rec.recording.events
+    return sorted(
+        (r.step, r.phase, r.layer, r.tensor, r.n_nan, r.n_posinf, r.n_neginf)
+        for r in ev.itertuples()
+    )
+
+
+@pytest.mark.parametrize("step", [0, 1], ids=["recorded", "unrecorded"])
+def test_nan_in_a_gradient_gives_exactly_the_gradient_and_parameter_events(step):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=[0])
+
+    def inject(i):
+        if i == step:
+            model[2].weight.grad[1, 3] = float("nan")
+
+    _train(model, opt, rec, step + 1, before_step=inject)  # later steps would be all NaN
+    assert _event_keys(rec) == [
+        (step, "backward", "2", "weight.grad", 1, 0, 0),
+        (step, "parameter update", "2", "weight", 1, 0, 0),
+    ]
+    ev = rec.recording.events.iloc[0]
+    assert (ev["dtype"], ev["shape"], ev["numel"], bool(ev["skipped"])) == (
+        "float32",
+        "(3, 5)",
+        15,
+        False,
+    )
+    assert ev.finite_absmax == pytest.approx(float(model[2].weight.grad.nan_to_num().abs().max()))
+
+
+def test_inf_in_an_activation_gives_exactly_one_forward_event():
+    model = _mlp()
+
+    def poison(module, inputs, output):  # registered before the recorder's own hooks
+        out = output.clone()
+        out[2, 1] = float("-inf")  # the ReLU after it maps -inf to 0: nothing else breaks
+        return out
+
+    model[0].register_forward_hook(poison)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 1)
+    assert _event_keys(rec) == [(0, "forward", "0", "output", 0, 0, 1)]
+    assert rec.recording.events["shape"].item() == "(8, 5)"
+
+
+def test_nan_in_an_output_gradient_is_a_backward_event():
+    model = _mlp()
+
+    def poison(module, inputs, output):
+        out = output * 1.0
+        out.register_hook(
+            lambda g: g.index_put(
+                (torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan"))
+            )
+        )
+        return out
+
+    model[2].register_forward_hook(poison)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 1)
+    keys = _event_keys(rec)
+    assert (0, "backward", "2", "grad_output", 1, 0, 0) in keys
+    assert all(k[1] != "forward" for k in keys)
+
+
+def test_nonfinite_loss_is_a_forward_event_and_arms_hooks_for_the_next_step():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=100, check_finite="loss")
+    rec.step(loss=float("nan"))  # step 0 is recorded
+    rec.step(loss=torch.tensor(float("inf")))  # step 1: the cheap check trips
+    ev = rec.recording.events
+    assert ev[["step", "phase", "tensor"]].values.tolist() == [
+        [0, "forward", "loss"],
+        [1, "forward", "loss"],
+    ]
+    assert ev["n_posinf"].tolist() == [0, 1]
+    assert rec._armed  # the next step is inspected in detail
+
+
+def test_events_off_records_none():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=1, events=False)
+    _train(model, opt, rec, 1, before_step=lambda i: model[0].bias.grad.fill_(float("nan")))
+    assert len(rec.recording.events) == 0
+
+
+def test_grad_scaler_skip_is_an_event_with_scale_and_skipped_flag():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    rec = Recorder(opt, model, every=100, scaler=scaler, check_finite=False)
+
+    def inject(i):
+        if i == 1:
+            model[0].bias.grad[0] = float("inf")
+
+    _train(model, opt, rec, 3, scaler=scaler, before_step=inject)
+    st = rec.recording.steps
+    assert st["skipped"].tolist() == [False, True, False]
+    ev = rec.recording.events
+    assert ev[["step", "phase", "layer", "tensor"]].values.tolist() == [
+        [1, "backward", "0", "bias.grad"]
+    ]
+    assert bool(ev["skipped"].item()) and ev["grad_scale"].item() == 2.0**9  # after update()
+
+
+def test_max_events_caps_a_broken_run_with_a_warning():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=1, max_events=3)
+    with pytest.warns(RuntimeWarning, match="max_events"):
+        _train(model, opt, rec, 3, before_step=lambda i: model[0].weight.grad.fill_(float("nan")))
+    assert len(rec.recording.events) == 3
+
+
+# ---------------------------------------------------------------------------- no side effects
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "singd"])
+def test_recording_does_not_change_training(opt_name):
+    def make(model):
+        if opt_name == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=0.01)
+        from singd import SINGD
+
+        return SINGD(model, lr=0.01, T=1)
+
+    plain = _mlp()
+    _train(plain, make(plain), None, 4)
+    recorded = _mlp()
+    opt = make(recorded)
+    rec = Recorder(opt, recorded, every=2)
+    _train(recorded, opt, rec, 4)
+    for a, b in zip(plain.parameters(), recorded.parameters()):
+        assert torch.equal(a, b)
+    assert len(rec.recording.metrics) > 0
+
+
+def test_singd_factors_are_recorded_and_left_untouched():
+    from singd import SINGD
+
+    model = _mlp()
+    opt = SINGD(model, lr=0.01, T=1, alpha1=0.5)
+    rec = Recorder(opt, model, every=2)
+    _train(model, opt, rec, 3)
+    views = opt.preconditioner_factors()
+    k = views["0"].factors["K"].dense()
+    before = {n: v.dense() for n, v in views["0"].factors.items()}
+    r = rec.recording
+    # step 2's K is the one the optimizer holds now (no update at step 3 ... T=1 updates each step)
+    spec = r.spectra[(r.spectra.step == 2) & (r.spectra.layer == "0") & (r.spectra.factor == "K")]
+    assert len(spec) == k.shape[0] == 7  # d_K = 6 inputs + bias
+    assert set(r.factors("0")) >= {"K", "C", "m_K", "m_C", "grad"}
+    assert r.metric("norm_fro", "0", "m_K")["value"].notna().all()
+    comps = set(r.memory[r.memory.layer == "0"]["component"])
+    assert comps == {"K", "C", "m_K", "m_C", "momentum"}
+    after = {n: v.dense() for n, v in opt.preconditioner_factors()["0"].factors.items()}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_singd_spectrum_equals_squared_singular_values_of_k():
+    from singd import SINGD
+
+    model = _mlp()
+    opt = SINGD(model, lr=0.01, T=1)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 2)
+    k = opt.preconditioner_factors()["2"].factors["K"].dense().double()
+    expected = (torch.linalg.svdvals(k) ** 2).tolist()
+    r = rec.recording
+    got = r.spectra[(r.spectra.step == 1) & (r.spectra.layer == "2") & (r.spectra.factor == "K")]
+    assert got["value"].tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_kfac_factors_are_symmetric_spectra():
+    from singd import KFAC
+
+    model = _mlp()
+    opt = KFAC(model)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 2)
+    r = rec.recording
+    assert "sv_min" not in set(r.metrics[r.metrics.layer == "0"]["metric"])
+    conds = r.metric("cond", layer="0")["value"]
+    assert len(conds) > 0 and (conds >= 1.0).all()
