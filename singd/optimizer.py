@@ -302,6 +302,13 @@ class SINGD(Optimizer):
                 f"unknown param group keys {sorted(unknown)}; valid keys: {sorted(DEFAULTS)}"
             )
         checked = validate_hyperparameters(merged)
+        if checked["kfac_like"] and checked["alpha1"] > 0:
+            warnings.warn(
+                f"kfac_like=True (IKFAC) uses no Riemannian momentum: alpha1={checked['alpha1']} "
+                "is ignored (pass alpha1=0 to silence this warning)",
+                UserWarning,
+                stacklevel=3,
+            )
         group = dict(param_group)
         for key in ("structures", "preconditioner_dtype"):
             if key in group:

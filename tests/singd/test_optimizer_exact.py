@@ -151,7 +151,9 @@ def test_ikfac_fixed_point_is_damped_kfac_inverse():
     X = torch.randn(16, 4, dtype=torch.float64)
     target = torch.randn(16, 3, dtype=torch.float64)
     damping = 0.1
-    opt = SINGD(layer, lr=0.0, lr_cov=0.3, damping=damping, kfac_like=True, T=1, momentum=0.0)
+    opt = SINGD(
+        layer, lr=0.0, lr_cov=0.3, damping=damping, kfac_like=True, alpha1=0.0, T=1, momentum=0.0
+    )
     for _ in range(400):
         opt.zero_grad()
         out = layer(X)
