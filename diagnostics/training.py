@@ -366,11 +366,28 @@ def train(
 
     recorder = None
     if record:
-        try:
-            from diagnostics.recorder import Recorder
-        except ImportError as err:  # pragma: no cover - depends on the recorder landing
-            raise RuntimeError("record=True needs diagnostics.recorder.Recorder") from err
-        recorder = Recorder(opt, model, every=record_every, scaler=scaler)
+        from diagnostics.recorder import Recorder
+
+        config = {
+            "workload": name,
+            "optimizer": optimizer,
+            "precision": precision,
+            "lr": lr,
+            "batch_size": batch_size,
+            **{
+                k: v if isinstance(v, int | float | str | bool) else repr(v)
+                for k, v in options.items()
+            },
+        }
+        recorder = Recorder(
+            opt,
+            model,
+            every=record_every,
+            scaler=scaler,
+            name=f"{name}/{optimizer}/{precision}/seed{seed}",
+            config=config,
+            seed=seed,
+        )
 
     loader = BatchLoader(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed)
     per_epoch = len(loader)
@@ -392,6 +409,7 @@ def train(
     _reset_peak_rss()
     rss_start = (_read_status_kib("VmRSS") or 0) * 1024
     step_times: list[float] = []
+    peak_rss = 0  # KiB, the maximum VmHWM read while training
     t_start = time.perf_counter()
     step = 0
     try:
@@ -413,6 +431,9 @@ def train(
                     result.nan_events.append({"step": step, "where": "loss", "value": loss_value})
                     if on_nan == "stop":
                         result.stopped_early = True
+                        if recorder is not None:  # the recorder sees the step it stopped at
+                            peak_rss = max(peak_rss, _read_status_kib("VmHWM") or 0)
+                            recorder.step(loss=loss.detach())
                         break
                 try:
                     if scaler is not None:
@@ -431,6 +452,8 @@ def train(
                     break
                 step_times.append(time.perf_counter() - t0)
                 if recorder is not None:
+                    # the recorder resets the peak on its recorded steps: read it first
+                    peak_rss = max(peak_rss, _read_status_kib("VmHWM") or 0)
                     recorder.step(loss=loss.detach())
                 step += 1
                 if bar is not None:
@@ -444,12 +467,15 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if recorder is not None:
+            peak_rss = max(peak_rss, _read_status_kib("VmHWM") or 0)
+            recorder.close()
     result.total_time = time.perf_counter() - t_start
     if device.type == "cuda":
         result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
         result.peak_memory_increase_bytes = result.peak_memory_bytes
     else:
-        peak = (_read_status_kib("VmHWM") or 0) * 1024
+        peak = max(peak_rss, _read_status_kib("VmHWM") or 0) * 1024
         result.peak_memory_bytes = peak
         result.peak_memory_increase_bytes = max(0, peak - rss_start)
 
@@ -470,6 +496,11 @@ def train(
     result.optimizer_state_bytes = sum(sum(c.values()) for c in result.state_bytes.values())
     if recorder is not None:
         result.recording = recorder.recording
+        result.recording.summary.update(
+            {k: v for k, v in result.summary().items() if k not in ("options", "error")}
+        )
+        if result.error:
+            result.recording.summary["error"] = result.error
     result.model = model
     result.optimizer = opt
     return result

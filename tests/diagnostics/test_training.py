@@ -126,3 +126,59 @@ def test_linear_warmup_ramps_to_its_peak():
 
 def test_optimizer_names_are_the_documented_ones():
     assert OPTIMIZERS == ("adamw", "sgd", "kfac", "singd", "ikfac")
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        ("kfac", {"damping": 0.1, "T": 2}),
+        ("singd", {"damping": 0.1, "structures": ("diagonal", "dense")}),
+        ("ikfac", {"damping": 0.1}),
+    ],
+)
+def test_second_order_optimizers_train_through_the_same_function(optimizer, options):
+    result = train("mlp", optimizer, lr=3e-3, steps=40, optimizer_options=options, progress=False)
+    assert result.optimizer_name == optimizer
+    assert type(result.optimizer).__name__ == ("KFAC" if optimizer == "kfac" else "SINGD")
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert result.optimizer_state_bytes == sum(
+        sum(c.values()) for c in result.optimizer.state_bytes().values()
+    )
+
+
+def test_ikfac_means_singd_with_kfac_like_and_no_riemannian_momentum():
+    result = train("mlp", "ikfac", steps=2, progress=False)
+    group = result.optimizer.param_groups[0]
+    assert group["kfac_like"] is True and group["alpha1"] == 0.0
+    with pytest.raises(ValueError, match="kfac_like=False"):
+        train("mlp", "ikfac", steps=1, optimizer_options={"kfac_like": False}, progress=False)
+
+
+def test_kfac_inverse_failure_ends_the_run_as_a_recorded_error():
+    options = {"factor_dtype": "bfloat16", "on_inverse_failure": "raise"}
+    result = train("mlp", "kfac", steps=5, optimizer_options=options, progress=False)
+    assert result.error is not None and "KFACInverseError" in result.error
+    assert result.diverged and result.stopped_early and result.steps == 0
+
+
+def test_recording_is_returned_with_the_run_summary_when_recording_is_on():
+    result = train(
+        "mlp",
+        "kfac",
+        steps=12,
+        record=True,
+        record_every=5,
+        optimizer_options={"damping": 0.1},
+        progress=False,
+    )
+    rec = result.recording
+    assert rec is not None and len(rec.steps) == 12
+    assert rec.summary["test_accuracy"] == result.test_accuracy
+    assert not rec.spectra.empty
+    assert train("mlp", "sgd", steps=2, progress=False).recording is None
+
+
+def test_recording_of_a_diverging_run_holds_the_nan_event():
+    result = train("mlp", "sgd", lr=1e6, steps=20, record=True, progress=False)
+    assert result.diverged
+    assert len(result.recording.events) >= 1
