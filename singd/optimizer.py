@@ -527,12 +527,18 @@ class SINGD(Optimizer):
                 # H_K is a mean over rows; H_C of a sum loss (loss_average=None) is a sum
                 average += [True] * len(tk) + [st.group["loss_average"] is not None] * len(tc)
             self.reduce_statistics(flat, average)
-        for st, H_K, H_C in todo:
+        owners = None  # work sharing (singd.distributed): each layer is updated on one rank
+        if getattr(self.reduce_statistics, "share_work", False):
+            owners = self.reduce_statistics.owners([(st.K, st.C) for st, _, _ in todo])
+            me = self.reduce_statistics.rank()
+        for i, (st, H_K, H_C) in enumerate(todo):
             group = st.group
             alpha1 = self._alpha1(group)
             if alpha1 > 0 and st.m_K is None:
                 st.m_K = type(st.K).zeros(st.K.dim, st.K.dtype, st.K.device)
                 st.m_C = type(st.C).zeros(st.C.dim, st.C.dtype, st.C.device)
+            if owners is not None and owners[i] != me:
+                continue  # another rank updates this layer; share_factors copies it here
             st.K, st.C, m_K, m_C = riemannian_step(
                 st.K,
                 st.C,
@@ -552,6 +558,18 @@ class SINGD(Optimizer):
                 st.gram_K, st.gram_C = gram(st.K), gram(st.C)
             else:
                 st.gram_K = st.gram_C = None
+        if owners is not None:
+            self.reduce_statistics.share_factors(
+                [
+                    [st.K, st.C, *((st.m_K, st.m_C) if self._alpha1(st.group) > 0 else ())]
+                    for st, _, _ in todo
+                ],
+                owners,
+            )
+            for (st, _, _), r in zip(todo, owners):
+                if r != me:
+                    cache = st.group["T"] > 1
+                    st.gram_K, st.gram_C = (gram(st.K), gram(st.C)) if cache else (None, None)
 
     def _check_unfired(self, name: str, st: _LayerState) -> None:
         """Warn once about a layer with gradients whose hooks never saw a forward pass."""
