@@ -16,6 +16,15 @@ DDP's gradient averaging gives them: with equal shards this is the full batch, w
 shards it is the objective DDP optimises. With ``loss_average=None`` (a sum loss) ``H_C`` is
 a sum over loss terms, so it is summed over ranks (``H_K`` is still averaged).
 
+**Work sharing** (``StatisticsReducer(share_work=True)``, off by default): after the
+statistics are reduced, each rank runs the preconditioner update (``riemannian_step`` and the
+Gram caches) only for its share of the layers, assigned greedily by cost (stored entries to
+the power 1.5: ``d^3`` for dense factors), and one ``all_gather`` per dtype hands every rank
+the new K, C (and momenta ``m_K``, ``m_C``, so that any rank can write a checkpoint). It
+pays where the update is cubic and the copy quadratic: wide dense (or ``tril``/``triu``)
+factors updated often; see ``benchmarks/RESULTS.md``, section Data-parallel. The result is
+bitwise the same as without sharing.
+
 :func:`default_reducer` is what SINGD installs at construction: a reducer when
 ``torch.distributed`` is initialised with more than one rank (the DDP model's process group
 when the model is DDP-wrapped), None otherwise. Set ``optimizer.reduce_statistics`` to your
@@ -30,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from singd.structures import StructuredMatrix
 
 #: Dtypes reduced in a float32 buffer (summing in half precision loses digits and fp16 can
 #: overflow; gloo has no bf16 reduction on every build).
@@ -52,11 +63,18 @@ class StatisticsReducer:
     with one ``all_reduce`` per communication dtype.
 
     ``group``: the process group (None: the default group). ``upcast_half``: reduce fp16 and
-    bf16 tensors in the float32 buffer (default) instead of their own dtype. ``counters``
-    records calls, collectives and bytes sent per rank (the payload of each ``all_reduce``).
+    bf16 tensors in the float32 buffer (default) instead of their own dtype. ``share_work``:
+    SINGD updates each layer's K and C on one rank only and :meth:`share_factors` copies them
+    to the others (see the module docstring). ``counters`` records calls, collectives and
+    bytes sent per rank (the payload of each collective).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, upcast_half: bool = True) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        upcast_half: bool = True,
+        share_work: bool = False,
+    ) -> None:
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 f"group must be a torch.distributed.ProcessGroup or None, got "
@@ -64,8 +82,11 @@ class StatisticsReducer:
             )
         if not isinstance(upcast_half, bool):
             raise TypeError(f"upcast_half must be True or False, got {upcast_half!r}")
+        if not isinstance(share_work, bool):
+            raise TypeError(f"share_work must be True or False, got {share_work!r}")
         self.group = group
         self.upcast_half = upcast_half
+        self.share_work = share_work
         self.counters = ReduceCounters()
 
     def world_size(self) -> int:
@@ -127,6 +148,67 @@ class StatisticsReducer:
                     chunk.mul_(inv)
                 t.copy_(chunk)
                 offset += n
+
+    def owners(self, factors: Sequence[Sequence[StructuredMatrix]]) -> list[int]:
+        """The rank that updates each layer (``factors[i]``: that layer's K and C): greedy
+        longest-first assignment by cost ``numel ** 1.5``, the same on every rank."""
+        world = self.world_size()
+        cost = [sum(float(F.numel()) ** 1.5 for F in fs) for fs in factors]
+        load = [0.0] * world
+        owner = [0] * len(cost)
+        for i in sorted(range(len(cost)), key=lambda i: (-cost[i], i)):
+            r = min(range(world), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += cost[i]
+        return owner
+
+    def rank(self) -> int:
+        """This process's rank in the group (0 without torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0
+        return dist.get_rank(self.group)
+
+    def share_factors(
+        self, factors: Sequence[Sequence[StructuredMatrix]], owners: Sequence[int]
+    ) -> None:
+        """Copy every layer's matrices (K, C and the momenta, in place) from the rank that
+        owns the layer to all others: one ``all_gather`` per dtype, padded to the largest share."""
+        world = self.world_size()
+        if world == 1:
+            return
+        if len(factors) != len(owners):
+            raise ValueError(
+                f"owners must have one rank per layer ({len(factors)}), got {len(owners)}"
+            )
+        me = self.rank()
+        # (dtype, device) -> per rank: list of stored tensors that rank sends, in order
+        buckets: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
+        for fs, r in zip(factors, owners):
+            for F in fs:
+                for t in F._tensors():
+                    key = (t.dtype, t.device)
+                    buckets.setdefault(key, [[] for _ in range(world)])[r].append(t)
+        for (dtype, device), per_rank in buckets.items():
+            sizes = [sum(t.numel() for t in ts) for ts in per_rank]
+            width = max(sizes)
+            if width == 0:
+                continue
+            mine = per_rank[me]
+            send = torch.zeros(width, dtype=dtype, device=device)
+            if mine:
+                send[: sizes[me]].copy_(torch.cat([t.reshape(-1) for t in mine]))
+            recv = [torch.empty_like(send) for _ in range(world)]
+            dist.all_gather(recv, send, group=self.group)
+            self.counters.collectives += 1
+            self.counters.bytes += send.numel() * send.element_size()
+            for r, ts in enumerate(per_rank):
+                if r == me:
+                    continue
+                offset = 0
+                for t in ts:
+                    n = t.numel()
+                    t.copy_(recv[r][offset : offset + n].view(t.shape))
+                    offset += n
 
 
 def default_reducer(model: nn.Module | None = None) -> StatisticsReducer | None:
