@@ -279,7 +279,11 @@ class StructuredMatrix(ABC):
         return NotImplemented
 
     def __rmatmul__(self, other: Tensor) -> Tensor:
-        """``X @ S`` for a dense ``X`` of shape ``(n, dim)``, computed as ``(S^T X^T)^T``."""
+        """``X @ S`` for a dense ``X`` of shape ``(n, dim)``, computed as ``(S^T X^T)^T``.
+
+        Python reaches this only after ``Tensor.__matmul__`` has failed, which costs some
+        microseconds; hot loops can call ``S.rmatmat(X.T).T`` directly.
+        """
         if not isinstance(other, Tensor):
             return NotImplemented
         if other.ndim not in (1, 2) or other.shape[-1] != self.dim:

@@ -7,6 +7,9 @@ from torch import Tensor
 
 from singd.structures.base import Scalar, StructuredMatrix
 
+#: Operand size (elements) up to which ``from_inner`` uses a product-sum (less overhead).
+_SMALL = 1 << 16
+
 
 class Diagonal(StructuredMatrix):
     """A diagonal matrix; stored tensor ``diag`` of shape ``(dim,)``."""
@@ -59,10 +62,16 @@ class Diagonal(StructuredMatrix):
 
     def _from_inner(self, X: Tensor) -> Diagonal:
         # diag(S X X^T S) = s^2 * rowsum(X^2). vector_norm reduces without a (dim, n)
-        # temporary (linear time in dim); half precision accumulates in float32.
-        acc = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
-        sq = torch.linalg.vector_norm(X, dim=1, dtype=acc).square_()
-        return self._project(sq.mul_(self.diag.square()).to(self.dtype))
+        # temporary (linear time in dim); half precision accumulates in float32. Small X:
+        # the plain product-sum has less call overhead.
+        if X.dtype not in (torch.float32, torch.float64):
+            sq = torch.linalg.vector_norm(X, dim=1, dtype=torch.float32).square_()
+            return self._project(sq.mul_(self.diag.square()).to(self.dtype))
+        if X.numel() <= _SMALL:
+            sq = (X * X).sum(1)
+        else:
+            sq = torch.linalg.vector_norm(X, dim=1).square_()
+        return self._project(sq.mul_(self.diag).mul_(self.diag))
 
     def _from_inner_eye(self) -> Diagonal:
         return self._project(self.diag.square())
