@@ -1,6 +1,28 @@
 """Diagnostics for SINGD runs: recording, figures, dashboards and reports (see DESIGN.md §4)."""
 
+from diagnostics.figures import (
+    all_figures,
+    condition_figure,
+    curves_figure,
+    events_figure,
+    memory_figure,
+    save_figure,
+    spectrum_figure,
+)
 from diagnostics.recorder import Recorder
 from diagnostics.recording import Recording
+from diagnostics.report import report, summary_table
 
-__all__ = ["Recorder", "Recording"]
+__all__ = [
+    "Recorder",
+    "Recording",
+    "all_figures",
+    "condition_figure",
+    "curves_figure",
+    "events_figure",
+    "memory_figure",
+    "report",
+    "save_figure",
+    "spectrum_figure",
+    "summary_table",
+]

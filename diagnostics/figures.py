@@ -1,0 +1,415 @@
+"""Plotly figures of one or several `Recording`s (the instruments; `metrics` holds the quantities).
+
+Every function takes one recording, a `Recorder`, or a list / dict of them (a dict's keys
+name the runs) and returns a ``plotly.graph_objects.Figure``. Controls are plotly's own
+(dropdowns), so the figures work in static HTML without a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from diagnostics.recording import PHASES, Recording
+
+PALETTE = qualitative.Plotly
+PHASE_STYLE = {
+    "forward": ("circle", "#1f77b4"),
+    "backward": ("diamond", "#ff7f0e"),
+    "preconditioner update": ("square", "#2ca02c"),
+    "parameter update": ("x", "#d62728"),
+}
+IMAGE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg",
+                 ".webp": "webp"}  # fmt: skip
+
+
+def as_recordings(source: Any) -> list[Recording]:
+    """Normalise a Recording / Recorder / list / dict of them to a list of Recordings.
+
+    Runs keep their names; duplicate names get a suffix `` (2)``, `` (3)``, ... so that
+    every run can be told apart in legends and dropdowns.
+    """
+    if isinstance(source, Mapping):
+        items = [(str(k), _one(v)) for k, v in source.items()]
+        recs = [_renamed(r, k) for k, r in items]
+    elif isinstance(source, (list, tuple)):
+        recs = [_one(v) for v in source]
+    else:
+        recs = [_one(source)]
+    if not recs:
+        raise ValueError("recordings must hold at least one Recording")
+    seen: dict[str, int] = {}
+    out = []
+    for r in recs:
+        n = seen.get(r.name, 0) + 1
+        seen[r.name] = n
+        out.append(r if n == 1 else _renamed(r, f"{r.name} ({n})"))
+    return out
+
+
+def _one(obj: Any) -> Recording:
+    """One Recording from a Recording or a Recorder."""
+    if isinstance(obj, Recording):
+        return obj
+    rec = getattr(obj, "recording", None)
+    if isinstance(rec, Recording):
+        return rec
+    raise TypeError(
+        f"expected a diagnostics.Recording or Recorder (or a list/dict of them), "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _renamed(r: Recording, name: str) -> Recording:
+    """A shallow copy of ``r`` with another name (frames are shared, not copied)."""
+    if r.name == name:
+        return r
+    return Recording(name, r.steps, r.metrics, r.spectra, r.events, r.memory, r.meta, r.summary)
+
+
+def _empty(fig: go.Figure, text: str) -> go.Figure:
+    """Put a centred note on an empty figure."""
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def _finite(values: Iterable[float]) -> list[float | None]:
+    """Values with NaN/Inf replaced by None (a gap in plotly)."""
+    return [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+def _human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------- spectra
+
+
+def spectrum_figure(
+    recordings: Any, *, layer: str | None = None, factor: str | None = None
+) -> go.Figure:
+    """Eigenvalues of each preconditioner factor over steps, as heatmaps (log10 colour).
+
+    x: step; y: eigenvalue rank (0 = largest); one heatmap per run x layer x factor, picked
+    with a dropdown. Eigenvalues are those of ``K K^T`` / ``C C^T`` for SINGD (squared
+    singular values of K, C), of the factors themselves for KFAC.
+    """
+    recs = as_recordings(recordings)
+    fig = go.Figure()
+    combos: list[tuple[str, str, str]] = []
+    for r in recs:
+        sp = r.spectra
+        if layer is not None:
+            sp = sp[sp["layer"] == layer]
+        if factor is not None:
+            sp = sp[sp["factor"] == factor]
+        if len(sp) == 0:
+            continue
+        for (ly, fa), part in sp.groupby(["layer", "factor"], sort=False):
+            grid = part.pivot_table(index="index", columns="step", values="value", aggfunc="first")
+            vals = grid.to_numpy(dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(vals > 0, np.log10(vals), np.nan)
+            fig.add_trace(
+                go.Heatmap(
+                    x=grid.columns.tolist(),
+                    y=grid.index.tolist(),
+                    z=z.tolist(),
+                    customdata=vals.tolist(),
+                    colorscale="Viridis",
+                    colorbar={"title": {"text": "log10 eig"}},
+                    hovertemplate="step %{x}<br>rank %{y}<br>eigenvalue %{customdata:.4g}"
+                    "<extra></extra>",
+                    name=f"{r.name} · {ly} · {fa}",
+                    visible=not combos,
+                )
+            )
+            combos.append((r.name, str(ly), str(fa)))
+    if not combos:
+        return _empty(fig, "no spectra recorded (optimizer without factors, or spectra=False)")
+    multi = len(recs) > 1
+
+    def label(c: tuple[str, str, str]) -> str:
+        return f"{c[0]} · layer {c[1]} · {c[2]}" if multi else f"layer {c[1]} · {c[2]}"
+
+    buttons = [
+        {
+            "label": label(c),
+            "method": "update",
+            "args": [
+                {"visible": [j == i for j in range(len(combos))]},
+                {"title": {"text": f"Spectrum over steps: {label(c)}"}},
+            ],
+        }
+        for i, c in enumerate(combos)
+    ]
+    fig.update_layout(
+        title={"text": f"Spectrum over steps: {label(combos[0])}"},
+        xaxis_title="step",
+        yaxis_title="eigenvalue rank (0 = largest)",
+        updatemenus=[
+            {"buttons": buttons, "x": 1.0, "xanchor": "right", "y": 1.15, "showactive": True}
+        ],  # fmt: skip
+        margin={"t": 90},
+    )
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+# ---------------------------------------------------------------------------- conditions
+
+
+def condition_figure(
+    recordings: Any, *, factor: str | None = None, metric: str = "cond"
+) -> go.Figure:
+    """Condition number (or another factor metric) over steps, log y, one line per layer.
+
+    Lines are named ``run · layer · factor``; non-finite values leave gaps.
+    """
+    recs = as_recordings(recordings)
+    fig = go.Figure()
+    n = 0
+    for ri, r in enumerate(recs):
+        m = r.metrics[r.metrics["metric"] == metric]
+        if factor is not None:
+            m = m[m["factor"] == factor]
+        dash = ["solid", "dash", "dot", "dashdot"]
+        for fi, ((ly, fa), part) in enumerate(m.groupby(["layer", "factor"], sort=False)):
+            part = part.sort_values("step")
+            fig.add_trace(
+                go.Scatter(
+                    x=part["step"].tolist(),
+                    y=_finite(part["value"].tolist()),
+                    mode="lines+markers",
+                    name=f"{r.name} · {ly} · {fa}" if len(recs) > 1 else f"{ly} · {fa}",
+                    legendgroup=r.name,
+                    line={
+                        "color": PALETTE[(fi if len(recs) == 1 else ri) % len(PALETTE)],
+                        "dash": dash[(fi if len(recs) > 1 else 0) % len(dash)],
+                    },  # fmt: skip
+                    hovertemplate=f"{r.name}<br>layer {ly} · {fa}<br>step %{{x}}<br>"
+                    f"{metric} %{{y:.4g}}<extra></extra>",
+                )
+            )
+            n += 1
+    if n == 0:
+        return _empty(fig, f"no '{metric}' recorded")
+    fig.update_layout(
+        title={"text": "Condition number per layer" if metric == "cond" else metric},
+        xaxis_title="step",
+        yaxis_title=metric,
+        yaxis_type="log",
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def events_figure(recordings: Any) -> go.Figure:
+    """NaN/Inf events over steps: one marker per event, styled by phase, with every field."""
+    recs = as_recordings(recordings)
+    fig = go.Figure()
+    frames = []
+    for r in recs:
+        ev = r.events.copy()
+        if len(ev):
+            ev["run"] = r.name
+            frames.append(ev)
+    if not frames:
+        return _empty(fig, "no NaN/Inf events")
+    ev = pd.concat(frames, ignore_index=True)
+    multi = len(recs) > 1
+    ev["where"] = (ev["run"] + " · " if multi else "") + ev["layer"].astype(str)
+    fields = ["run", "phase", "layer", "tensor", "dtype", "shape", "n_nan", "n_posinf",
+              "n_neginf", "finite_absmax", "grad_scale", "skipped"]  # fmt: skip
+    template = (
+        "step %{x}<br>run %{customdata[0]}<br>phase %{customdata[1]}<br>"
+        "layer %{customdata[2]} · tensor %{customdata[3]}<br>"
+        "dtype %{customdata[4]} · shape %{customdata[5]}<br>"
+        "NaN %{customdata[6]} · +Inf %{customdata[7]} · -Inf %{customdata[8]}<br>"
+        "largest finite |x| %{customdata[9]:.4g}<br>grad scale %{customdata[10]}<br>"
+        "skipped %{customdata[11]}<extra></extra>"
+    )
+    phases = list(PHASES) + sorted(set(ev["phase"]) - set(PHASES))
+    for phase in phases:
+        part = ev[ev["phase"] == phase]
+        if len(part) == 0:
+            continue
+        symbol, color = PHASE_STYLE.get(phase, ("star", "#7f7f7f"))
+        cd = part[fields].astype(object).where(part[fields].notna(), None).values.tolist()
+        fig.add_trace(
+            go.Scatter(
+                x=part["step"].tolist(),
+                y=(part["where"] + " / " + part["tensor"]).tolist(),
+                mode="markers",
+                name=phase,
+                marker={
+                    "symbol": symbol,
+                    "color": color,
+                    "size": 11,
+                    "line": {"width": 1, "color": "#333"},
+                },  # fmt: skip
+                customdata=cd,
+                hovertemplate=template,
+            )
+        )
+    fig.update_layout(
+        title={"text": f"NaN/Inf events ({len(ev)})"},
+        xaxis_title="step",
+        yaxis_title="layer / tensor",
+        legend_title_text="phase",
+    )
+    fig.update_yaxes(type="category")
+    return fig
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def memory_figure(recordings: Any, *, step: int | None = None) -> go.Figure:
+    """Optimizer state bytes, stacked by component, per run and layer (last recorded step).
+
+    The x axis groups layers under runs, so runs are compared side by side.
+    """
+    recs = as_recordings(recordings)
+    rows = []
+    for r in recs:
+        sb = r.state_bytes(step)
+        for row in sb.itertuples():
+            rows.append((r.name, str(row.layer), str(row.component), int(row.bytes)))
+    fig = go.Figure()
+    if not rows:
+        return _empty(fig, "no optimizer state recorded")
+    df = pd.DataFrame(rows, columns=["run", "layer", "component", "bytes"])
+    order = list(dict.fromkeys(df["component"]))
+    keys = list(dict.fromkeys(zip(df["run"], df["layer"])))
+    for ci, comp in enumerate(order):
+        part = df[df["component"] == comp].set_index(["run", "layer"])["bytes"]
+        ys = [int(part.get(k, 0)) for k in keys]
+        fig.add_trace(
+            go.Bar(
+                x=[[k[0] for k in keys], [k[1] for k in keys]],
+                y=ys,
+                name=comp,
+                marker_color=PALETTE[ci % len(PALETTE)],
+                customdata=[_human_bytes(v) for v in ys],
+                hovertemplate=f"{comp}<br>%{{x}}<br>%{{customdata}} (%{{y}} B)<extra></extra>",
+            )
+        )
+    totals = df.groupby("run", sort=False)["bytes"].sum()
+    sub = " · ".join(f"{k}: {_human_bytes(v)}" for k, v in totals.items())
+    fig.update_layout(
+        barmode="stack",
+        title={"text": f"Optimizer state by layer and component<br><sup>{sub}</sup>"},
+        yaxis_title="bytes",
+        legend_title_text="component",
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------- curves
+
+
+def curves_figure(
+    recordings: Any, *, metrics: Iterable[str] | None = None, log_loss: bool = False
+) -> go.Figure:
+    """Loss (and accuracy-like step columns, e.g. ``accuracy``) over steps, one line per run.
+
+    ``metrics`` defaults to ``loss`` plus every logged step column whose name contains
+    ``acc``. Summary test accuracies (``recording.summary["test_accuracy"]``) appear in
+    the legend names.
+    """
+    recs = as_recordings(recordings)
+    if metrics is None:
+        extra: list[str] = []
+        for r in recs:
+            extra += [c for c in r.steps.columns if "acc" in c.lower() and c not in extra]
+        metrics = ["loss", *extra]
+    metrics = list(metrics)
+    if not metrics:
+        raise ValueError("metrics must name at least one column of recording.steps")
+    fig = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True,
+                        subplot_titles=metrics, vertical_spacing=0.08)  # fmt: skip
+    for ri, r in enumerate(recs):
+        color = PALETTE[ri % len(PALETTE)]
+        name = r.name
+        acc = r.summary.get("test_accuracy")
+        if isinstance(acc, (int, float)) and math.isfinite(acc):
+            name = f"{name} (test acc {acc:.3f})"
+        for mi, metric in enumerate(metrics):
+            if metric not in r.steps.columns:
+                continue
+            part = r.steps[["step", metric]].dropna()
+            fig.add_trace(
+                go.Scatter(
+                    x=part["step"].tolist(),
+                    y=_finite(part[metric].tolist()),
+                    mode="lines" if len(part) > 30 else "lines+markers",
+                    name=name,
+                    legendgroup=r.name,
+                    showlegend=mi == 0,
+                    line={"color": color},
+                    hovertemplate=f"{r.name}<br>step %{{x}}<br>{metric} %{{y:.4g}}<extra></extra>",
+                ),
+                row=mi + 1,
+                col=1,
+            )
+    if log_loss and "loss" in metrics:
+        fig.update_yaxes(type="log", row=metrics.index("loss") + 1, col=1)
+    fig.update_xaxes(title_text="step", row=len(metrics), col=1)
+    fig.update_layout(title={"text": "Training curves"}, height=300 + 220 * (len(metrics) - 1))
+    return fig
+
+
+def all_figures(recordings: Any) -> dict[str, go.Figure]:
+    """Every figure for the runs, keyed by a short name (the report shows them in this order)."""
+    recs = as_recordings(recordings)
+    return {
+        "curves": curves_figure(recs),
+        "condition": condition_figure(recs),
+        "spectrum": spectrum_figure(recs),
+        "events": events_figure(recs),
+        "memory": memory_figure(recs),
+    }
+
+
+def save_figure(fig: go.Figure, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write ``fig`` to ``path``; the suffix picks the format.
+
+    ``.html`` (self-contained, plotly.js inlined), ``.json`` (plotly JSON), or a static
+    image via kaleido: ``.png``, ``.svg``, ``.pdf``, ``.jpg``/``.jpeg``, ``.webp``
+    (kaleido >= 1 needs a Chrome/Chromium it can find). Extra keyword arguments go to
+    the writer (e.g. ``scale=2`` for images).
+    """
+    if not isinstance(fig, go.Figure):
+        raise TypeError(f"fig must be a plotly.graph_objects.Figure, got {type(fig).__name__}")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".html":
+        fig.write_html(path, include_plotlyjs=True, full_html=True, **kwargs)
+    elif suffix == ".json":
+        fig.write_json(path, **kwargs)
+    elif suffix in IMAGE_FORMATS:
+        fig.write_image(path, format=IMAGE_FORMATS[suffix], **kwargs)
+    else:
+        valid = ", ".join([".html", ".json", *IMAGE_FORMATS])
+        raise ValueError(f"path suffix {suffix or '(none)'!r} is not supported; use one of {valid}")
+    return path

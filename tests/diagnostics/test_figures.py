@@ -1,0 +1,187 @@
+"""Tests of diagnostics.figures: the expected traces, controls and file formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import plotly.graph_objects as go
+import pytest
+
+from diagnostics import Recording
+from diagnostics.figures import (
+    all_figures,
+    as_recordings,
+    condition_figure,
+    curves_figure,
+    events_figure,
+    memory_figure,
+    save_figure,
+    spectrum_figure,
+)
+from diagnostics.recording import frame_from_rows
+
+
+def _rec(name: str, *, events: bool = True, cond_scale: float = 1.0) -> Recording:
+    steps = frame_from_rows(
+        "steps",
+        [{"step": s, "recorded": s % 2 == 0, "loss": 2.0 / (s + 1), "accuracy": 0.1 * s}
+         for s in range(5)],
+    )  # fmt: skip
+    metrics, spectra = [], []
+    for s in (0, 2, 4):
+        for layer in ("0", "2"):
+            for factor in ("K", "C"):
+                eig = [4.0 * cond_scale * (s + 1), 2.0, 1.0]
+                metrics.append({"step": s, "layer": layer, "factor": factor, "metric": "cond",
+                                "value": eig[0] / eig[-1]})  # fmt: skip
+                for i, v in enumerate(eig):
+                    spectra.append({"step": s, "layer": layer, "factor": factor, "index": i,
+                                    "value": v})  # fmt: skip
+    ev = []
+    if events:
+        ev = [
+            {"step": 3, "phase": "backward", "layer": "2", "tensor": "weight.grad",
+             "dtype": "float16", "shape": "(3, 5)", "numel": 15, "n_nan": 2, "n_posinf": 0,
+             "n_neginf": 0, "finite_absmax": 10.0, "grad_scale": 512.0, "skipped": True},
+            {"step": 4, "phase": "forward", "layer": "0", "tensor": "output",
+             "dtype": "float16", "shape": "(8, 5)", "numel": 40, "n_nan": 0, "n_posinf": 3,
+             "n_neginf": 1, "finite_absmax": 60000.0, "grad_scale": float("nan"),
+             "skipped": False},
+        ]  # fmt: skip
+    memory = [
+        {"step": 4, "layer": "0", "component": "K", "bytes": 100},
+        {"step": 4, "layer": "0", "component": "C", "bytes": 50},
+        {"step": 4, "layer": "2", "component": "K", "bytes": 30},
+        {"step": 4, "layer": "(process)", "component": "peak_rss", "bytes": 10**8},
+    ]
+    return Recording(
+        name=name,
+        steps=steps,
+        metrics=frame_from_rows("metrics", metrics),
+        spectra=frame_from_rows("spectra", spectra),
+        events=frame_from_rows("events", ev),
+        memory=frame_from_rows("memory", memory),
+        summary={"test_accuracy": 0.9},
+    )
+
+
+def test_as_recordings_accepts_one_list_dict_and_renames_duplicates():
+    a = _rec("run")
+    assert [r.name for r in as_recordings(a)] == ["run"]
+    assert [r.name for r in as_recordings([a, a])] == ["run", "run (2)"]
+    assert [r.name for r in as_recordings({"x": a, "y": a})] == ["x", "y"]
+    with pytest.raises(TypeError, match="Recording"):
+        as_recordings(42)
+    with pytest.raises(ValueError):
+        as_recordings([])
+
+
+def test_spectrum_figure_has_one_heatmap_per_layer_and_factor_and_a_dropdown():
+    fig = spectrum_figure(_rec("a"))
+    assert isinstance(fig, go.Figure)
+    assert [t.type for t in fig.data] == ["heatmap"] * 4
+    assert [t.visible for t in fig.data] == [True, False, False, False]
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == [
+        "layer 0 · K",
+        "layer 0 · C",
+        "layer 2 · K",
+        "layer 2 · C",
+    ]
+    assert buttons[2].args[0]["visible"] == [False, False, True, False]
+    hm = fig.data[0]
+    assert list(hm.x) == [0, 2, 4] and list(hm.y) == [0, 1, 2]
+    assert hm.z[0][1] == pytest.approx(1.0795, abs=1e-3)  # log10(4 * 3) at step 2
+
+
+def test_spectrum_figure_for_two_runs_names_runs_in_the_dropdown_and_filters():
+    fig = spectrum_figure([_rec("a"), _rec("b")], factor="K")
+    labels = [b.label for b in fig.layout.updatemenus[0].buttons]
+    assert labels == ["a · layer 0 · K", "a · layer 2 · K", "b · layer 0 · K", "b · layer 2 · K"]
+
+
+def test_spectrum_figure_without_spectra_says_so():
+    empty = Recording(name="adamw")
+    fig = spectrum_figure(empty)
+    assert len(fig.data) == 0 and "no spectra" in fig.layout.annotations[0].text
+
+
+def test_condition_figure_has_a_log_axis_and_one_line_per_run_layer_factor():
+    fig = condition_figure([_rec("a"), _rec("b", cond_scale=10)])
+    assert fig.layout.yaxis.type == "log"
+    assert len(fig.data) == 8
+    assert fig.data[0].name == "a · 0 · K"
+    assert list(fig.data[4].y) == [40.0, 120.0, 200.0]
+
+
+def test_events_figure_has_one_trace_per_phase_with_event_fields_in_hover():
+    fig = events_figure(_rec("a"))
+    assert [t.name for t in fig.data] == ["forward", "backward"]
+    fwd = fig.data[0]
+    assert list(fwd.x) == [4] and list(fwd.y) == ["0 / output"]
+    cd = fwd.customdata[0]
+    assert list(cd[:4]) == ["a", "forward", "0", "output"] and list(cd[6:9]) == [0, 3, 1]
+    assert "NaN" in fwd.hovertemplate and "grad scale" in fwd.hovertemplate
+    assert fig.data[1].marker.symbol != fwd.marker.symbol
+
+
+def test_events_figure_without_events_says_so():
+    fig = events_figure(_rec("a", events=False))
+    assert len(fig.data) == 0 and "no NaN/Inf" in fig.layout.annotations[0].text
+
+
+def test_memory_figure_stacks_components_per_run_and_layer():
+    fig = memory_figure([_rec("a"), _rec("b")])
+    assert fig.layout.barmode == "stack"
+    assert [t.name for t in fig.data] == ["K", "C"]
+    k = fig.data[0]
+    assert [list(level) for level in k.x] == [["a", "a", "b", "b"], ["0", "2", "0", "2"]]
+    assert list(k.y) == [100, 30, 100, 30] and list(fig.data[1].y) == [50, 0, 50, 0]
+
+
+def test_curves_figure_has_loss_and_accuracy_panels_with_one_line_per_run():
+    fig = curves_figure([_rec("a"), _rec("b")])
+    names = [(t.name, t.yaxis) for t in fig.data]
+    assert names == [
+        ("a (test acc 0.900)", "y"),
+        ("a (test acc 0.900)", "y2"),
+        ("b (test acc 0.900)", "y"),
+        ("b (test acc 0.900)", "y2"),
+    ]
+    assert list(fig.data[1].y) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_all_figures_accepts_a_recorder():
+    import torch
+
+    from diagnostics import Recorder
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=1)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    rec.step(loss=1.0)
+    figs = all_figures(rec)
+    assert set(figs) == {"curves", "condition", "spectrum", "events", "memory"}
+    assert all(isinstance(f, go.Figure) for f in figs.values())
+
+
+def test_save_figure_picks_the_format_from_the_suffix(tmp_path):
+    fig = condition_figure(_rec("a"))
+    html = save_figure(fig, tmp_path / "f.html").read_text()
+    assert "<script src=" not in html and "Plotly.newPlot" in html
+    data = json.loads(save_figure(fig, tmp_path / "f.json").read_text())
+    assert len(data["data"]) == 4
+    with pytest.raises(ValueError, match=r"\.png"):
+        save_figure(fig, tmp_path / "f.gif")
+
+
+@pytest.mark.slow  # kaleido starts a headless Chromium: several seconds
+def test_save_figure_writes_png_and_svg_via_kaleido(tmp_path):
+    if shutil.which("chromium") is None and shutil.which("google-chrome") is None:
+        pytest.skip("kaleido needs Chrome/Chromium, none installed here")
+    fig = condition_figure(_rec("a"))
+    assert save_figure(fig, tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in save_figure(fig, tmp_path / "f.svg").read_bytes()[:500]

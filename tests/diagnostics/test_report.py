@@ -1,0 +1,89 @@
+"""Tests of diagnostics.report: one self-contained HTML file, offline, with a summary table."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from plotly.offline import get_plotlyjs
+
+from diagnostics import Recording
+from diagnostics.recording import frame_from_rows
+from diagnostics.report import report, summary_table
+
+
+def _rec(name: str, final_loss: float, events: int = 0) -> Recording:
+    steps = frame_from_rows(
+        "steps",
+        [{"step": s, "recorded": True, "loss": 3.0 - s * (3.0 - final_loss) / 3,
+          "step_time_s": 0.002} for s in range(4)],
+    )  # fmt: skip
+    ev = [
+        {"step": 1, "phase": "forward", "layer": "0", "tensor": "output", "dtype": "bfloat16",
+         "shape": "(2, 2)", "numel": 4, "n_nan": 1, "n_posinf": 0, "n_neginf": 0,
+         "finite_absmax": 1.0, "grad_scale": float("nan"), "skipped": False}
+    ] * events  # fmt: skip
+    spectra = frame_from_rows(
+        "spectra",
+        [{"step": s, "layer": "0", "factor": "K", "index": i, "value": 1.0 + i}
+         for s in range(0, 4, 2) for i in range(3)],
+    )  # fmt: skip
+    memory = frame_from_rows(
+        "memory",
+        [{"step": 3, "layer": "0", "component": "K", "bytes": 4096},
+         {"step": 3, "layer": "(process)", "component": "peak_rss", "bytes": 3 * 2**20}],
+    )  # fmt: skip
+    return Recording(
+        name=name,
+        steps=steps,
+        spectra=spectra,
+        events=frame_from_rows("events", ev),
+        memory=memory,
+        summary={"test_accuracy": 0.5 + final_loss / 10},
+        meta={"optimizer": "SINGD", "seed": 0, "config": {"lr": 0.1}},
+    )
+
+
+def test_summary_table_has_one_row_per_run_with_the_key_numbers():
+    table = summary_table([_rec("a", 0.5), _rec("b<script>", 1.0, events=2)])
+    assert table["run"].tolist() == ["a", "b<script>"]
+    assert table["final_loss"].tolist() == pytest.approx([0.5, 1.0])
+    assert table["nan_inf_events"].tolist() == [0, 2]
+    assert table["peak_memory_bytes"].tolist() == [3 * 2**20] * 2
+    assert table["test_accuracy"].tolist() == pytest.approx([0.55, 0.6])
+    assert table["time_per_step_s"].tolist() == pytest.approx([0.002, 0.002])
+
+
+def test_report_is_one_self_contained_offline_html_file(tmp_path):
+    path = report([_rec("a", 0.5), _rec("b<script>", 1.0, events=2)], tmp_path / "r.html")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    # no external script, style or font source of any kind
+    assert not re.search(r"<script[^>]*\bsrc\s*=", text, re.I)
+    assert not re.search(r"<link[^>]*\bhref\s*=\s*[\"']?(https?:)?//", text, re.I)
+    assert not re.search(r"@import\s+url\(\s*[\"']?https?://", text, re.I)
+    # plotly.js inlined exactly once, every figure drawn with it
+    assert text.count(get_plotlyjs()[:2000]) == 1
+    assert text.count("Plotly.newPlot(") == 5
+    # the summary table, with the run name escaped
+    assert "b&lt;script&gt;" in text and "b<script>" not in text
+    assert "NaN/Inf events" in text and "3.0 MiB" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def test_report_controls_are_plotly_dropdowns_not_kernel_widgets(tmp_path):
+    text = report(_rec("a", 0.5), tmp_path / "r.html").read_text(encoding="utf-8")
+    assert '"updatemenus"' in text
+    assert "application/vnd.jupyter.widget" not in text
+
+
+def test_report_reads_saved_recordings_from_paths(tmp_path):
+    saved = _rec("from-file", 0.25).save(tmp_path / "a.rec")
+    text = report({"nice name": saved}, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "nice name" in text
+
+
+def test_report_refuses_things_that_are_not_recordings(tmp_path):
+    with pytest.raises(TypeError, match="Recording"):
+        report([object()], tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
