@@ -173,13 +173,13 @@ class StatisticsReducer:
     ) -> None:
         """Copy every layer's matrices (K, C and the momenta, in place) from the rank that
         owns the layer to all others: one ``all_gather`` per dtype, padded to the largest share."""
-        world = self.world_size()
-        if world == 1:
-            return
         if len(factors) != len(owners):
             raise ValueError(
                 f"owners must have one rank per layer ({len(factors)}), got {len(owners)}"
             )
+        world = self.world_size()
+        if world == 1:
+            return
         me = self.rank()
         # (dtype, device) -> per rank: list of stored tensors that rank sends, in order
         buckets: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}

@@ -21,6 +21,7 @@ from torch import nn
 
 from singd import SINGD
 from singd.distributed import StatisticsReducer, default_reducer
+from singd.structures import structure
 
 WORLD = 2
 STEPS = 10
@@ -33,9 +34,11 @@ STRUCTURES = {
 # mode "ddp": DDP-wrapped model, mean loss, loss_average="batch".
 # mode "sum": unwrapped model + torch.distributed, sum loss, loss_average=None, gradients
 # summed with all_reduce by the user (the full-batch sum-loss gradient).
-CASES = [(mode, s, T) for mode in ("ddp", "sum") for s in STRUCTURES for T in (1, 3)] + [
-    ("ddp-f64K", "dense", 2)
-]
+CASES = [(mode, s, T) for mode in ("ddp", "sum") for s in STRUCTURES for T in (1, 3)]
+CASES += [("ddp-f64K", "dense", 2)]  # K in float64: two buffers
+# work sharing: each rank updates one of the two layers and all_gathers K, C, m_K, m_C
+SHARED = [("ddp-share", "dense", 1), ("ddp-share", "hier-toeplitz", 3)]
+CASES += SHARED
 CHECKPOINT_AT = 4
 CKPT_CASE = ("ddp", "diag-block", 3)
 
@@ -71,6 +74,8 @@ def train(case: tuple, rank: int, world: int, steps: range, model=None, opt=None
     net = nn.parallel.DistributedDataParallel(model) if mode != "sum" and world > 1 else model
     if opt is None:
         opt = SINGD(net, **hyper(case))
+        if mode == "ddp-share" and world > 1:
+            opt.reduce_statistics = StatisticsReducer(share_work=True)
     shard = BATCH // world
     for t in steps:
         X, y = batch(t)
@@ -86,11 +91,11 @@ def train(case: tuple, rank: int, world: int, steps: range, model=None, opt=None
 
 
 def snapshot(model: nn.Module, opt: SINGD) -> dict:
-    """Parameters and dense K, C of every layer (copies)."""
+    """Parameters and dense K, C, m_K, m_C of every layer (copies)."""
     out = {f"param:{n}": p.detach().clone() for n, p in model.named_parameters()}
     for name, lf in opt.preconditioner_factors().items():
-        out[f"K:{name}"] = lf.factors["K"].dense()
-        out[f"C:{name}"] = lf.factors["C"].dense()
+        for key, view in lf.factors.items():
+            out[f"{key}:{name}"] = view.dense()
     return out
 
 
@@ -151,6 +156,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         "collectives": reducer.counters.collectives,
     }
     result["default_reducer_plain"] = type(default_reducer(None)).__name__
+    dense = structure("dense")
+    sizes = [10, 3, 3, 9]  # costs 1000, 27, 27, 729
+    result["owners"] = reducer.owners([[dense.eye(d, torch.float32, "cpu")] for d in sizes])
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     dist.destroy_process_group()
@@ -212,9 +220,24 @@ def test_reducer_installed_and_one_collective_per_dtype_only_on_update_steps(ran
     T = case[2]
     updates = len([t for t in range(STEPS) if t % T == 0])
     dtypes = 2 if case[0] == "ddp-f64K" else 1  # K in float64, C in float32
+    per_update = 2 if case[0] == "ddp-share" else 1  # + the all_gather of the factors
     assert info["reducer"] == "StatisticsReducer"
     assert info["calls"] == updates
-    assert info["collectives"] == updates * dtypes
+    assert info["collectives"] == updates * dtypes * per_update
+
+
+@pytest.mark.parametrize("case", SHARED, ids=lambda c: "-".join(map(str, c)))
+def test_work_sharing_gives_bitwise_the_same_factors_as_every_rank_updating_all(ranks, case):
+    plain = ("ddp", *case[1:])
+    for rank in range(WORLD):
+        shared, alone = ranks[rank]["cases"][case]["state"], ranks[rank]["cases"][plain]["state"]
+        assert shared.keys() == alone.keys() and any(k.startswith("m_K") for k in shared)
+        for key in alone:
+            assert torch.equal(shared[key], alone[key]), f"rank {rank}: {key} differs"
+
+
+def test_work_sharing_assigns_layers_greedily_by_cubic_cost(ranks):
+    assert ranks[0]["owners"] == ranks[1]["owners"] == [0, 1, 1, 1]
 
 
 def test_checkpoint_saved_by_rank0_and_loaded_by_all_ranks_continues_identically(ranks):
@@ -251,6 +274,10 @@ def test_reducer_rejects_bad_arguments():
         StatisticsReducer(group="world")
     with pytest.raises(TypeError, match="upcast_half"):
         StatisticsReducer(upcast_half=1)
+    with pytest.raises(TypeError, match="share_work"):
+        StatisticsReducer(share_work="yes")
+    with pytest.raises(ValueError, match="owners"):
+        StatisticsReducer().share_factors([[structure("dense").eye(2, torch.float32, "cpu")]], [])
     reducer = StatisticsReducer()
     with pytest.raises(ValueError, match="average"):
         reducer([torch.ones(2)], [True, False])
