@@ -14,11 +14,13 @@ from diagnostics.recording import Recording
 from diagnostics.report import report, summary_table
 
 __all__ = [
+    "Dashboard",
     "Recorder",
     "Recording",
     "all_figures",
     "condition_figure",
     "curves_figure",
+    "dashboard",
     "events_figure",
     "memory_figure",
     "report",
@@ -26,3 +28,12 @@ __all__ = [
     "spectrum_figure",
     "summary_table",
 ]
+
+
+def __getattr__(name: str):
+    """Import the dashboard lazily: ipywidgets is an optional (notebooks) dependency."""
+    if name in ("dashboard", "Dashboard"):
+        from diagnostics import widgets
+
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")

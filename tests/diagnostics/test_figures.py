@@ -185,3 +185,63 @@ def test_save_figure_writes_png_and_svg_via_kaleido(tmp_path):
     fig = condition_figure(_rec("a"))
     assert save_figure(fig, tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in save_figure(fig, tmp_path / "f.svg").read_bytes()[:500]
+
+
+# ---------------------------------------------------------------------------- dashboard
+
+
+def test_dashboard_controls_drive_the_figures():
+    from diagnostics import dashboard
+
+    d = dashboard([_rec("a"), _rec("b", cond_scale=10)])
+    assert d.run.options == ("a", "b")
+    assert d.layer.options == ("0", "2") and d.factor.options == ("K", "C")
+    assert d.step_slider.options == (0, 2, 4)
+    d.step_slider.value = 2
+    assert list(d.spectrum.data[0].y) == [12.0, 2.0, 1.0]
+    assert d.condition.layout.shapes[0].x0 == 2 and d.curves.layout.shapes[0].x0 == 2
+    d.run.value = "b"
+    assert list(d.condition.data[0].y) == [40.0, 120.0, 200.0]
+    d.factor.value = "C"
+    assert "C · layer 0" in d.spectrum.layout.title.text
+    assert [t.name for t in d.events.data] == ["forward", "backward"]
+    assert len(d.curves.data) == 2
+
+
+def test_live_dashboard_redraws_after_each_recorded_step():
+    import torch
+    import torch.nn.functional as F
+
+    from diagnostics import Recorder, dashboard
+    from singd import SINGD
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    opt = SINGD(model, lr=0.05, T=1)
+    rec = Recorder(opt, model, every=2)
+    d = dashboard(rec, live=True)
+    assert d.factor.options == ("(none)",)  # nothing recorded yet
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss)
+    assert d.step_slider.options == (0, 2, 4) and d.step_slider.value == 4
+    assert d.layer.options == ("0", "2") and d.factor.options == ("K", "C")
+    assert len(d.spectrum.data[0].y) == 5  # K of layer 0: 4 inputs + bias
+    assert list(d.curves.data[0].x) == [0, 1, 2, 3, 4]
+    d.close_live()
+    rec.step(loss=1.0)
+    rec.step(loss=1.0)
+    assert d.step_slider.options == (0, 2, 4)
+
+
+def test_live_dashboard_needs_a_recorder():
+    from diagnostics import dashboard
+
+    with pytest.raises(ValueError, match="Recorder"):
+        dashboard(_rec("a"), live=True)
+    with pytest.raises(TypeError, match="Recording"):
+        dashboard("not a recording")

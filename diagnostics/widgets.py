@@ -1,0 +1,273 @@
+"""`dashboard`: an ipywidgets dashboard over recordings, optionally live while training runs.
+
+Dropdowns pick the run, layer and factor, a slider picks the step; ``go.FigureWidget``s
+(plotly >= 6 needs ``anywidget``) show the spectrum at that step, the condition number
+over steps, the training curves, NaN/Inf events and the memory breakdown. With
+``live=True`` the dashboard listens to a `Recorder` and redraws after every recorded step,
+so it updates while the training loop runs in the same notebook.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from diagnostics.figures import PALETTE, as_recordings, events_figure, memory_figure
+from diagnostics.recorder import Recorder
+from diagnostics.recording import Recording
+
+_NONE = "(none)"
+
+
+def _finite(values: list[float]) -> list[float | None]:
+    return [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+class Dashboard(widgets.VBox):
+    """The dashboard widget (a ``VBox``); see `dashboard`."""
+
+    def __init__(self, source: Any, live: bool = False) -> None:
+        items = list(source.items()) if isinstance(source, dict) else None
+        seq = source if isinstance(source, (list, tuple)) else [source]
+        if items is not None:
+            seq = [v for _, v in items]
+        for s in seq:
+            if not isinstance(s, (Recording, Recorder)):
+                raise TypeError(
+                    "dashboard needs a Recording or Recorder (or a list/dict of them), "
+                    f"got {type(s).__name__}"
+                )
+        self._sources = list(seq)
+        self._names = [k for k, _ in items] if items is not None else None
+        self._recorders = [s for s in seq if isinstance(s, Recorder)]
+        if live and not self._recorders:
+            raise ValueError("live=True needs a Recorder (a Recording does not change)")
+        self.live = live
+        self._recs: list[Recording] = []
+
+        self.run = widgets.Dropdown(description="run")
+        self.layer = widgets.Dropdown(description="layer")
+        self.factor = widgets.Dropdown(description="factor")
+        self.step_slider = widgets.SelectionSlider(
+            description="step", options=[0], continuous_update=False
+        )
+        self.status = widgets.HTML()
+        self.spectrum = go.FigureWidget(
+            layout={"title": {"text": "Spectrum at step"}, "yaxis": {"type": "log"},
+                    "xaxis": {"title": {"text": "eigenvalue rank (0 = largest)"}},
+                    "height": 330, "margin": {"t": 50}},
+        )  # fmt: skip
+        self.spectrum.add_scatter(mode="lines+markers", name="eigenvalues")
+        self.condition = go.FigureWidget(
+            layout={"title": {"text": "Condition number"}, "yaxis": {"type": "log"},
+                    "xaxis": {"title": {"text": "step"}}, "height": 330,
+                    "margin": {"t": 50}},
+        )  # fmt: skip
+        self.condition.add_scatter(mode="lines+markers", name="cond")
+        self.curves = go.FigureWidget(
+            layout={"title": {"text": "Loss"}, "xaxis": {"title": {"text": "step"}},
+                    "height": 330, "margin": {"t": 50}},
+        )  # fmt: skip
+        self.events = go.FigureWidget()
+        self.memory = go.FigureWidget()
+
+        self._busy = False
+        self.run.observe(self._on_run, names="value")
+        self.layer.observe(self._on_layer, names="value")
+        self.factor.observe(self._on_selection, names="value")
+        self.step_slider.observe(self._on_step, names="value")
+        controls = widgets.HBox([self.run, self.layer, self.factor])
+        super().__init__(
+            [
+                controls,
+                self.step_slider,
+                self.status,
+                widgets.HBox([self.spectrum, self.condition]),
+                widgets.HBox([self.curves, self.events]),
+                self.memory,
+            ]
+        )
+        self.refresh()
+        if live:
+            for r in self._recorders:
+                r.add_listener(self._on_recorded)
+
+    # ------------------------------------------------------------------ data
+    def _recordings(self) -> list[Recording]:
+        srcs = self._sources
+        if self._names is not None:
+            return as_recordings(dict(zip(self._names, srcs)))
+        return as_recordings(list(srcs))
+
+    def _current(self) -> Recording | None:
+        for r in self._recs:
+            if r.name == self.run.value:
+                return r
+        return None
+
+    def refresh(self) -> None:
+        """Re-read the recordings (recorders give their latest data) and redraw everything."""
+        self._recs = self._recordings()
+        self._busy = True
+        try:
+            names = [r.name for r in self._recs]
+            keep = self.run.value if self.run.value in names else names[0]
+            self.run.options = names
+            self.run.value = keep
+            self._fill_layers()
+        finally:
+            self._busy = False
+        self._draw_all()
+
+    def close_live(self) -> None:
+        """Stop listening to the recorders (the dashboard keeps its last state)."""
+        for r in self._recorders:
+            r.remove_listener(self._on_recorded)
+
+    def _fill_layers(self) -> None:
+        rec = self._current()
+        layers = _factor_layers(rec) if rec is not None else []
+        opts = layers or [_NONE]
+        keep = self.layer.value if self.layer.value in opts else opts[0]
+        self.layer.options = opts
+        self.layer.value = keep
+        self._fill_factors()
+
+    def _fill_factors(self) -> None:
+        rec = self._current()
+        opts = [_NONE]
+        if rec is not None and self.layer.value != _NONE:
+            m = rec.metrics
+            fs = m[(m["layer"] == self.layer.value) & (m["metric"] == "cond")]["factor"]
+            opts = list(dict.fromkeys(fs.tolist())) or [_NONE]
+        keep = self.factor.value if self.factor.value in opts else opts[0]
+        self.factor.options = opts
+        self.factor.value = keep
+        self._fill_steps()
+
+    def _fill_steps(self) -> None:
+        rec = self._current()
+        steps = [0]
+        if rec is not None and len(rec.steps):
+            rs = rec.steps[rec.steps["recorded"]]["step"].tolist()
+            steps = rs or rec.steps["step"].tolist()
+        old = self.step_slider.value
+        self.step_slider.options = steps
+        self.step_slider.value = old if old in steps and not self.live else steps[-1]
+
+    # ------------------------------------------------------------------ drawing
+    def _draw_all(self) -> None:
+        self._draw_selection()
+        self._draw_curves()
+        ev = events_figure(self._recs)
+        mem = memory_figure(self._recs)
+        for target, src in ((self.events, ev), (self.memory, mem)):
+            with target.batch_update():
+                target.data = ()
+                for tr in src.data:
+                    target.add_trace(tr)
+                target.layout = src.layout
+                target.layout.height = 330 if target is self.events else 380
+        n_ev = sum(len(r.events) for r in self._recs)
+        steps = sum(len(r.steps) for r in self._recs)
+        self.status.value = (
+            f"<b>{len(self._recs)}</b> run(s), <b>{steps}</b> steps, "
+            f"<b>{n_ev}</b> NaN/Inf event(s)" + (" · live" if self.live else "")
+        )
+
+    def _draw_selection(self) -> None:
+        rec = self._current()
+        layer, factor, step = self.layer.value, self.factor.value, self.step_slider.value
+        eig: list[float] = []
+        xs: list[int] = []
+        cond_x: list[int] = []
+        cond_y: list[float | None] = []
+        if rec is not None and factor != _NONE:
+            sp = rec.spectra
+            sel = sp[(sp["layer"] == layer) & (sp["factor"] == factor) & (sp["step"] == step)]
+            xs, eig = sel["index"].tolist(), sel["value"].tolist()
+            c = rec.metric("cond", layer=layer, factor=factor).sort_values("step")
+            cond_x, cond_y = c["step"].tolist(), _finite(c["value"].tolist())
+        with self.spectrum.batch_update():
+            self.spectrum.data[0].x = xs
+            self.spectrum.data[0].y = [v if v > 0 else None for v in eig]
+            self.spectrum.layout.title.text = f"Spectrum of {factor} · layer {layer} at step {step}"
+        with self.condition.batch_update():
+            self.condition.data[0].x = cond_x
+            self.condition.data[0].y = cond_y
+            self.condition.layout.title.text = f"Condition number of {factor} · layer {layer}"
+            self.condition.layout.shapes = [_vline(step)]
+
+    def _draw_curves(self) -> None:
+        with self.curves.batch_update():
+            self.curves.data = ()
+            for i, r in enumerate(self._recs):
+                st = r.steps[["step", "loss"]].dropna()
+                self.curves.add_scatter(
+                    x=st["step"].tolist(),
+                    y=_finite(st["loss"].tolist()),
+                    mode="lines",
+                    name=r.name,
+                    line={"color": PALETTE[i % len(PALETTE)]},
+                )
+            self.curves.layout.shapes = [_vline(self.step_slider.value)]
+
+    # ------------------------------------------------------------------ events
+    def _on_run(self, change: dict) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            self._fill_layers()
+        finally:
+            self._busy = False
+        self._draw_selection()
+
+    def _on_layer(self, change: dict) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            self._fill_factors()
+        finally:
+            self._busy = False
+        self._draw_selection()
+
+    def _on_selection(self, change: dict) -> None:
+        if not self._busy:
+            self._draw_selection()
+
+    def _on_step(self, change: dict) -> None:
+        if self._busy:
+            return
+        self._draw_selection()
+        with self.curves.batch_update():
+            self.curves.layout.shapes = [_vline(self.step_slider.value)]
+
+    def _on_recorded(self, recorder: Recorder, step: int) -> None:
+        self.refresh()
+
+
+def _factor_layers(rec: Recording) -> list[str]:
+    """Layers that have a condition number (factors) in ``rec``, in first-seen order."""
+    m = rec.metrics
+    return list(dict.fromkeys(m[m["metric"] == "cond"]["layer"].tolist()))
+
+
+def _vline(step: Any) -> dict:
+    """A vertical dotted line at ``step`` (marks the slider position)."""
+    return {"type": "line", "x0": step, "x1": step, "xref": "x", "y0": 0, "y1": 1,
+            "yref": "paper", "line": {"dash": "dot", "color": "#888"}}  # fmt: skip
+
+
+def dashboard(source: Any, live: bool = False) -> Dashboard:
+    """An ipywidgets dashboard for a Recording / Recorder (or a list / dict of them).
+
+    Dropdowns choose run, layer and factor; the slider chooses the recorded step. With
+    ``live=True`` (needs a Recorder) the figures redraw after each recorded step while
+    training runs in the same notebook; call ``close_live()`` to stop.
+    """
+    return Dashboard(source, live=live)
