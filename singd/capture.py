@@ -84,7 +84,9 @@ class Layer:
         gb = self.bias.grad
         if gb is None:
             gb = torch.zeros(self.out_dim, dtype=gw.dtype, device=gw.device)
-        return torch.cat([gw, gb.to(gw.dtype).unsqueeze(1)], dim=1)
+        if gb.dtype != gw.dtype:
+            gb = gb.to(gw.dtype)
+        return torch.cat([gw, gb.unsqueeze(1)], dim=1)
 
     def split(self, mat: Tensor) -> list[Tensor]:
         """Split a ``d_C x d_K`` matrix into tensors shaped like ``params()``."""
@@ -277,6 +279,8 @@ class Capture:
     def attach(self, names: Iterable[str]) -> None:
         """Make exactly ``names`` attached (registers / removes hooks as needed)."""
         wanted = set(names)
+        if wanted == self._handles.keys():
+            return
         for name in list(self._handles):
             if name not in wanted:
                 self._handles.pop(name).remove()

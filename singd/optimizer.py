@@ -152,10 +152,16 @@ class _Accumulator:
             self.acc.add_(term, alpha=weight / self.coef)
         self.count += count
 
-    def value(self, factor: float) -> StructuredMatrix:
-        """``factor * coef * acc`` (in place on ``acc``)."""
-        f = factor * self.coef
-        return self.acc if f == 1.0 else self.acc.mul_(f)
+    def value_and_scale(self, factor: float) -> tuple[StructuredMatrix, float]:
+        """``(acc, s)`` with ``s * acc`` the statistic times ``factor`` (no copy, no op)."""
+        return self.acc, factor * self.coef
+
+
+def _materialize(S: StructuredMatrix, scale: float, dtype: torch.dtype) -> StructuredMatrix:
+    """``scale * S`` in ``dtype`` (scaled in S's dtype first, which is fp32 for fp16 factors)."""
+    if scale != 1.0:
+        S = S.mul_(scale)
+    return S if S.dtype == dtype else S.to(dtype=dtype)
 
 
 @dataclass
@@ -400,12 +406,12 @@ class SINGD(Optimizer):
         if st.K.device != w.device or st.K.dtype != dk:
             st.K = st.K.to(dtype=dk, device=w.device)
             st.m_K = None if st.m_K is None else st.m_K.to(dtype=dk, device=w.device)
-            st.gram_K = None if st.gram_K is None else gram(st.K)
+            st.gram_K = None if st.gram_K is None else gram(st.K, st.C.dim, st.group["T"])
             st.acc_K = None
         if st.C.device != w.device or st.C.dtype != dc:
             st.C = st.C.to(dtype=dc, device=w.device)
             st.m_C = None if st.m_C is None else st.m_C.to(dtype=dc, device=w.device)
-            st.gram_C = None if st.gram_C is None else gram(st.C)
+            st.gram_C = None if st.gram_C is None else gram(st.C, st.K.dim, st.group["T"])
             st.acc_C = None
 
     # ------------------------------------------------------------------ hooks
@@ -434,7 +440,8 @@ class SINGD(Optimizer):
                 a = (a.float() * (1.0 / math.sqrt(rows))).half()
                 term_K, w_K = K.from_inner(a.T).to(dtype=torch.float32), float(rows)
             else:
-                term_K, w_K = K.from_inner(a.to(K.dtype).T), 1.0
+                a = a if a.dtype == K.dtype else a.to(K.dtype)
+                term_K, w_K = K.from_inner(a.T), 1.0
             if st.acc_K is None:
                 st.acc_K = _Accumulator()
             st.acc_K.add(term_K, w_K, rows)
@@ -449,7 +456,8 @@ class SINGD(Optimizer):
                 g = (g32 * (1.0 / peak)).half()
                 term_C, w_C = C.from_inner(g.T).to(dtype=torch.float32), peak * peak
             else:
-                term_C, w_C = C.from_inner(g.to(C.dtype).T), 1.0
+                g = g if g.dtype == C.dtype else g.to(C.dtype)
+                term_C, w_C = C.from_inner(g.T), 1.0
             if st.acc_C is None:
                 st.acc_C = _Accumulator()
             st.acc_C.add(term_C, w_C, n)
@@ -505,6 +513,7 @@ class SINGD(Optimizer):
     def _update_preconditioners(self, step: int, stat_div: float) -> None:
         """Finalise the statistics, reduce them across ranks, update K and C."""
         todo: list[tuple[_LayerState, StructuredMatrix, StructuredMatrix]] = []
+        scales: list[tuple[float, float]] = []
         for name, st in self._layers.items():
             if step % st.group["T"] != 0:
                 continue
@@ -512,10 +521,15 @@ class SINGD(Optimizer):
                 self._check_unfired(name, st)
                 continue
             self._follow(st)
-            H_K = st.acc_K.value(1.0 / st.acc_K.count)
             n_total = st.acc_C.count if st.group["loss_average"] is not None else 1
-            H_C = st.acc_C.value(n_total / (stat_div * stat_div))
-            todo.append((st, H_K.to(dtype=st.K.dtype), H_C.to(dtype=st.C.dtype)))
+            H_K, s_K = st.acc_K.value_and_scale(1.0 / st.acc_K.count)
+            H_C, s_C = st.acc_C.value_and_scale(n_total / (stat_div * stat_div))
+            if H_K.dtype != st.K.dtype or self.reduce_statistics is not None:
+                H_K, s_K = _materialize(H_K, s_K, st.K.dtype), 1.0
+            if H_C.dtype != st.C.dtype or self.reduce_statistics is not None:
+                H_C, s_C = _materialize(H_C, s_C, st.C.dtype), 1.0
+            todo.append((st, H_K, H_C))
+            scales.append((s_K, s_C))
         if not todo:
             return
         if self.reduce_statistics is not None:
@@ -551,13 +565,12 @@ class SINGD(Optimizer):
                 lr_cov=self._lr_cov(group, step),
                 kfac_like=group["kfac_like"],
                 normalize_lr_cov=group["normalize_lr_cov"],
+                scale_K=scales[i][0],
+                scale_C=scales[i][1],
             )
             if alpha1 > 0:
                 st.m_K, st.m_C = m_K, m_C
-            if group["T"] > 1:
-                st.gram_K, st.gram_C = gram(st.K), gram(st.C)
-            else:
-                st.gram_K = st.gram_C = None
+            self._refresh_grams(st)
         if owners is not None:
             self.reduce_statistics.share_factors(
                 [
@@ -568,8 +581,17 @@ class SINGD(Optimizer):
             )
             for (st, _, _), r in zip(todo, owners):
                 if r != me:
-                    cache = st.group["T"] > 1
-                    st.gram_K, st.gram_C = (gram(st.K), gram(st.C)) if cache else (None, None)
+                    self._refresh_grams(st)
+
+    @staticmethod
+    def _refresh_grams(st: _LayerState) -> None:
+        """Recompute the cached ``K K^T``, ``C C^T`` (T > 1 only; None where not worth it)."""
+        T = st.group["T"]
+        if T > 1:
+            st.gram_K = gram(st.K, st.C.dim, T)
+            st.gram_C = gram(st.C, st.K.dim, T)
+        else:
+            st.gram_K = st.gram_C = None
 
     def _check_unfired(self, name: str, st: _LayerState) -> None:
         """Warn once about a layer with gradients whose hooks never saw a forward pass."""
@@ -775,8 +797,7 @@ class SINGD(Optimizer):
             st.group = group_of[id(st.layer.weight)]
             mats = restored[name]
             st.K, st.C, st.m_K, st.m_C = mats["K"], mats["C"], mats["m_K"], mats["m_C"]
-            st.gram_K = gram(st.K) if st.group["T"] > 1 else None
-            st.gram_C = gram(st.C) if st.group["T"] > 1 else None
+            self._refresh_grams(st)
             st.acc_K = st.acc_C = None
         self._step = int(extra["step"])
         self._last_scale = extra["last_scale"]

@@ -35,19 +35,23 @@ def _m_hat(
     damping: float,
     kfac_like: bool,
     half: float,
+    scale_K: float,
+    scale_C: float,
 ) -> tuple[StructuredMatrix, StructuredMatrix]:
-    """The new momentum terms ``m_K^``, ``m_C^`` (consumes ``H_K``, ``H_C`` in place)."""
+    """The new momentum terms ``m_K^``, ``m_C^`` (consumes ``H_K``, ``H_C`` in place); the
+    statistics are ``scale_K * H_K`` and ``scale_C * H_C``."""
     KtK = K.from_inner()
     CtC = C.from_inner()
     if kfac_like:
-        m_K = H_K.add_(KtK, alpha=damping).diag_add_(-1.0).mul_(half)
-        m_C = H_C.add_(CtC, alpha=damping).diag_add_(-1.0).mul_(half)
+        m_K = H_K.mul_(half * scale_K).add_(KtK, alpha=damping * half).diag_add_(-half)
+        m_C = H_C.mul_(half * scale_C).add_(CtC, alpha=damping * half).diag_add_(-half)
         return m_K, m_C
     tr_HK, tr_HC = H_K.average_trace(), H_C.average_trace()
     tr_KtK, tr_CtC = KtK.average_trace(), CtC.average_trace()
     # 1/2 (avgtr(H_C) H_K + lambda avgtr(C^T C) Pi(K^T K) - I), scalars as 0-dim tensors
-    m_K = H_K.mul_(tr_HC * half).add_(KtK.mul_(tr_CtC * (damping * half))).diag_add_(-half)
-    m_C = H_C.mul_(tr_HK * half).add_(CtC.mul_(tr_KtK * (damping * half))).diag_add_(-half)
+    both = half * scale_K * scale_C
+    m_K = H_K.mul_(tr_HC * both).add_(KtK.mul_(tr_CtC * (damping * half))).diag_add_(-half)
+    m_C = H_C.mul_(tr_HK * both).add_(CtC.mul_(tr_KtK * (damping * half))).diag_add_(-half)
     return m_K, m_C
 
 
@@ -64,6 +68,8 @@ def riemannian_step(
     lr_cov: float,
     kfac_like: bool = False,
     normalize_lr_cov: bool = False,
+    scale_K: float = 1.0,
+    scale_C: float = 1.0,
 ) -> tuple[StructuredMatrix, StructuredMatrix, StructuredMatrix | None, StructuredMatrix | None]:
     """One preconditioner update ``K <- K - beta1 K m_K``, ``C <- C - beta1 C m_C``.
 
@@ -71,12 +77,13 @@ def riemannian_step(
     ``m_K``/``m_C`` are the Riemannian momenta (updated in place and returned), or None when
     ``alpha1 == 0`` (then the returned momenta are None too). ``kfac_like`` (IKFAC) uses
     ``m^ = 1/2 (H + lambda Pi(K^T K) - I)`` and ignores ``alpha1``. ``K`` and ``C`` are
-    updated in place and returned.
+    updated in place and returned. ``scale_K``/``scale_C`` multiply the statistics (so that
+    callers need not rescale them first).
     """
     if kfac_like:
         alpha1 = 0.0
     half = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
-    mh_K, mh_C = _m_hat(H_K, H_C, K, C, damping, kfac_like, half)
+    mh_K, mh_C = _m_hat(H_K, H_C, K, C, damping, kfac_like, half, scale_K, scale_C)
     if alpha1 > 0.0 and m_K is not None and m_C is not None:
         m_K = m_K.mul_(alpha1).add_(mh_K)
         m_C = m_C.mul_(alpha1).add_(mh_C)
@@ -113,16 +120,30 @@ class Gram:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def gram(F: StructuredMatrix) -> Gram | None:
-    """``F F^T`` in a form cheaper to apply than two products with ``F``, or None where the
-    structure has no such form (hierarchical, Toeplitz: their products are already O(d))."""
+#: Factors up to this size get a dense ``F F^T`` cache whatever their structure (T > 1).
+DENSE_GRAM_MAX = 256
+
+
+def gram(F: StructuredMatrix, other_dim: int | None = None, T: int = 1) -> Gram | None:
+    """``F F^T`` in a form cheaper to apply than two products with ``F``, or None.
+
+    Diagonal: the squared entries; block-diagonal: the block Grams; dense, triangular and any
+    factor with ``dim <= DENSE_GRAM_MAX``: a dense matrix. With ``other_dim`` (the size of the
+    other Kronecker factor) and ``T``, None where computing the cache once per ``T`` steps
+    costs more than it saves (``dim > T * other_dim``).
+    """
     if isinstance(F, Diagonal):
         return Gram("diag", F.diag.square())
-    if isinstance(F, (Dense, Triangular)):
-        return Gram("dense", F.mat @ F.mat.T)
+    if other_dim is not None and F.dim > T * other_dim:
+        return None
     if isinstance(F, BlockDiagonal):
         blocks = torch.bmm(F.blocks, F.blocks.transpose(1, 2))
         return Gram("structured", type(F)._wrap(F.dim, blocks, F.last @ F.last.T))
+    if isinstance(F, (Dense, Triangular)):
+        return Gram("dense", F.mat @ F.mat.T)
+    if F.dim <= DENSE_GRAM_MAX:
+        dense = F.to_dense()
+        return Gram("dense", dense @ dense.T)
     return None
 
 
@@ -169,9 +190,9 @@ def precondition(
     ``gram_K``/``gram_C`` are optional caches from :func:`gram` of the current factors.
     """
     out_dtype = G.dtype
-    X = _apply_right(K, gram_K, G.to(K.dtype))
-    X = _apply_left(C, gram_C, X.to(C.dtype))
-    return X.to(out_dtype)
+    X = _apply_right(K, gram_K, G if G.dtype == K.dtype else G.to(K.dtype))
+    X = _apply_left(C, gram_C, X if X.dtype == C.dtype else X.to(C.dtype))
+    return X if X.dtype == out_dtype else X.to(out_dtype)
 
 
 # ---------------------------------------------------------------------- parameter update
