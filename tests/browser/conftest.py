@@ -192,6 +192,12 @@ def distinct_colours(pixels: np.ndarray) -> int:
 
 
 @pytest.fixture(scope="session")
+def png_decoder() -> Callable[[bytes], np.ndarray]:
+    """``decode_png`` for the test modules: PNG bytes -> (height, width, channels) array."""
+    return decode_png
+
+
+@pytest.fixture(scope="session")
 def png_colours() -> Callable[[bytes], tuple[tuple[int, int], int]]:
     """``png_colours(data) -> ((height, width), number of distinct pixel values)``."""
 
