@@ -204,9 +204,13 @@ class SINGD(Optimizer):
       (``warn_unsupported=False`` silences it).
     * ``torch.amp.GradScaler``: use ``scaler.step(opt)``. SINGD unscales gradients and
       statistics itself; a step with inf/NaN gradients changes nothing, drops the statistics
-      and still advances the step counter. ``init_grad_scale`` is the loss scale assumed for
-      the statistics when ``scaler.unscale_(opt)`` was called before the first
-      ``scaler.step(opt)`` (later the last scale seen is used).
+      and still advances the step counter. The statistics are captured during backward, still
+      scaled; SINGD divides them by the scale that ``scaler.step`` hands over (fp16 factors:
+      rows are normalised to max |g| = 1 before they meet fp16, so nothing overflows). If you
+      call ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (gradient clipping) the
+      scaler hands over no scale: the statistics are then divided by the last scale seen,
+      or ``init_grad_scale`` before any was seen, so set ``init_grad_scale`` to the
+      scaler's ``init_scale`` in that pattern.
     * Data parallel: wrap the model in DDP before or after; SINGD hooks the inner module.
       With ``torch.distributed`` initialised (more than one rank) ``reduce_statistics`` is a
       :class:`singd.distributed.StatisticsReducer`: on update steps the statistics of all
