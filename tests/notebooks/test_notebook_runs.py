@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def test_natural_gradient_notebook_shows_ikfac_reaching_the_damped_inverse(run_notebook, tmp_path):
     tolerance = 1e-4
@@ -44,3 +46,65 @@ def test_structures_notebook_trains_each_chosen_structure(run_notebook, tmp_path
 def test_structures_notebook_rejects_an_unknown_structure_listing_forms(failing_run, tmp_path):
     error = failing_run("02_structures.ipynb", tmp_path, structures=["dense", "blocky"])
     assert "structures" in error and "'blocky'" in error and "block{N}diagonal" in error
+
+
+def test_half_precision_notebook_keeps_singd_finite_and_writes_report(run_notebook, tmp_path):
+    from diagnostics import Recording
+
+    out = run_notebook(
+        "03_half_precision_stability.ipynb", tmp_path, optimizers=["kfac", "singd"],
+        structures=["diagonal", "dense"], steps=12, record_every=4, min_accuracy=0.0, seed=1,
+    )  # fmt: skip
+    runs = {r["label"]: r for r in out["runs"]}
+    assert set(runs) == {"kfac-fp32", "singd-fp32", "kfac-bf16", "singd-bf16"}
+    assert runs["singd-bf16"]["nan_inf_events"] == 0 and not runs["singd-bf16"]["error"]
+    assert out["claims"]["singd_bf16_finite"] is True
+    # strict KFAC cannot invert a bfloat16 factor; the notebook reports it instead of crashing
+    assert "KFACInverseError" in runs["kfac-bf16"]["error"]
+    for label, row in runs.items():
+        rec = Recording.load(tmp_path / row["recording"])
+        assert rec.name == label and (len(rec.steps) >= 1 or row["error"])
+        assert rec.summary["why"]
+    report = (tmp_path / "report.html").read_text()
+    assert "singd-bf16" in report and "<script src=" not in report
+    assert (tmp_path / "03_half_precision_stability.ipynb").is_file()
+
+
+def test_half_precision_notebook_rejects_float8_naming_dtype_and_valid_values(
+    failing_run, tmp_path
+):
+    error = failing_run("03_half_precision_stability.ipynb", tmp_path, dtype="float8")
+    assert "dtype='float8'" in error and "['bfloat16', 'float16', 'float32']" in error
+
+
+def test_sweep_of_half_precision_notebook_reports_bad_combination_and_feeds_notebook_04(
+    run_notebook, notebooks_dir, tmp_path
+):
+    from diagnostics.sweep import run_sweep
+
+    sweep = tmp_path / "sweep"
+    grid = {
+        "dtype": ["bfloat16", "float16"],
+        "mode": ["pure", "autocast"],  # float16 + pure is invalid: that row must fail
+        "optimizers": [["singd"]],
+        "structures": [["diagonal", "diagonal"]],
+        "compare_fp32": [False],
+        "steps": [6],
+        "record_every": [3],
+        "min_accuracy": [0.0],
+    }
+    summary = run_sweep(notebooks_dir / "03_half_precision_stability.ipynb", grid, sweep)
+    assert len(summary) == 4
+    failed = summary[summary["status"] == "failed"]
+    assert list(zip(failed["dtype"], failed["mode"])) == [("float16", "pure")]
+    assert "mode='pure'" in failed["error"].iloc[0] and "autocast" in failed["error"].iloc[0]
+    ok = summary[summary["status"] == "ok"]
+    assert len(ok) == 3 and (ok["nan_inf_events"] == 0).all()
+    assert all((Path(p)).is_file() for p in ok["recording"])
+    assert len((sweep / "summary.csv").read_text().strip().splitlines()) == 5
+    assert (sweep / "report.html").stat().st_size > 0
+
+    out = run_notebook("04_sweep_report.ipynb", tmp_path / "nb04", sweep_dir=str(sweep))
+    claims = out["claims"]
+    assert claims["combinations"] == 4 and claims["failed"] == 1
+    assert claims["training_runs"] == 3 and claims["recordings"] == 3
