@@ -159,9 +159,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dense = structure("dense")
     sizes = [10, 3, 3, 9]  # costs 1000, 27, 27, 729
     result["owners"] = reducer.owners([[dense.eye(d, torch.float32, "cpu")] for d in sizes])
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+    path = os.path.join(out_dir, f"rank{rank}.pkl")
+    with open(path + ".part", "wb") as f:
         pickle.dump(result, f)
+    os.replace(path + ".part", path)
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo worker threads that still hold tensors can abort
+    # the process there (SIGABRT at exit, after all work is done; see pytorch/pytorch#179291).
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
