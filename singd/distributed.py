@@ -45,7 +45,8 @@ from singd.structures import StructuredMatrix
 #: Dtypes reduced in a float32 buffer (summing in half precision loses digits and fp16 can
 #: overflow; gloo has no bf16 reduction on every build).
 _UPCAST = (torch.float16, torch.bfloat16)
-#: Fingerprint entries appended to each buffer to catch ranks whose statistics differ.
+#: Fingerprint entries (tensor count and total size, modulo this) appended to each float32 /
+#: float64 buffer to catch ranks whose statistics differ.
 _CHECK_MOD = 65521
 
 
@@ -124,15 +125,19 @@ class StatisticsReducer:
         for (dtype, device), idx in buckets.items():
             parts = [tensors[i].reshape(-1).to(dtype) for i in idx]
             numel = sum(p.numel() for p in parts)
+            # two small integers, exact in float32/64 even when summed over all ranks
+            checked = dtype in (torch.float32, torch.float64)
+            mod = max(2, min(_CHECK_MOD, (1 << 24) // world - 1))
             check = torch.tensor(
-                [float(len(idx)), float(numel % _CHECK_MOD)], dtype=dtype, device=device
+                [float(len(idx) % mod), float(numel % mod)] if checked else [],
+                dtype=dtype,
+                device=device,
             )
             buf = torch.cat([*parts, check])
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
             self.counters.collectives += 1
             self.counters.bytes += buf.numel() * buf.element_size()
-            expected = check * world
-            if not torch.equal(buf[numel:], expected):
+            if checked and not torch.equal(buf[numel:], check * world):
                 raise RuntimeError(
                     "SINGD: ranks reduced different statistics (layers updated on one rank but "
                     "not on another, e.g. a layer skipped in forward on some ranks, or "

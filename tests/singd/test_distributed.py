@@ -155,6 +155,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         "values": [t32.clone(), t16.clone(), t64.clone(), s32.clone()],
         "collectives": reducer.counters.collectives,
     }
+    native = torch.full((3,), float(rank + 1), dtype=torch.float16)
+    StatisticsReducer(upcast_half=False)([native])  # an fp16 buffer (no check entries)
+    result["fp16_native"] = native.clone()
     result["default_reducer_plain"] = type(default_reducer(None)).__name__
     dense = structure("dense")
     sizes = [10, 3, 3, 9]  # costs 1000, 27, 27, 729
@@ -268,6 +271,8 @@ def test_reducer_averages_or_sums_per_tensor_with_one_collective_per_buffer_dtyp
         assert t64.dtype == torch.float64 and torch.equal(t64, torch.full((2,), 1.5).double())
         assert torch.equal(s32, torch.full((1,), 3.0))
         assert mixed["collectives"] == 2  # float32 (with the fp16 tensor) and float64
+        native = ranks[rank]["fp16_native"]
+        assert native.dtype == torch.float16 and torch.equal(native, torch.full((3,), 1.5).half())
 
 
 def test_default_reducer_follows_the_process_group(ranks):
