@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -64,23 +66,42 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if len(failed) else 0
 
 
+#: Columns of the demo summary: (results.json key, header, format).
+_SUMMARY_COLUMNS = (
+    ("test_accuracy", "test acc", "{:.3f}"),
+    ("final_loss", "final loss", "{:.3g}"),
+    ("nan_inf_events", "NaN/Inf", "{}"),
+    ("optimizer_state_bytes", "state KiB", "{:.0f}"),
+    ("ms_per_step", "ms/step", "{:.1f}"),
+)
+
+
+def _cell(value: Any, fmt: str, key: str) -> str:
+    """One formatted table cell ('-' for missing or non-finite values)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if key == "optimizer_state_bytes":
+        value = value / 1024
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
 def _print_summary(results: dict[str, Any]) -> None:
     """Print the demo's one-screen summary from the notebook's ``results.json``."""
     runs = results.get("runs", [])
     if not runs:
         print("(the notebook reported no runs)")
         return
-    keys = [k for k in runs[0] if k not in ("label", "recording")]
     width = max(len(str(r.get("label", ""))) for r in runs) + 2
-    print("run".ljust(width) + "".join(k[:14].rjust(15) for k in keys))
+    print("run".ljust(width) + "".join(h.rjust(11) for _, h, _ in _SUMMARY_COLUMNS) + "  status")
     for r in runs:
-        cells = []
-        for k in keys:
-            v = r.get(k)
-            cells.append((f"{v:.4g}" if isinstance(v, float) else str(v))[:14].rjust(15))
-        print(str(r.get("label", "")).ljust(width) + "".join(cells))
+        cells = "".join(_cell(r.get(k), f, k).rjust(11) for k, _, f in _SUMMARY_COLUMNS)
+        status = "gave up" if r.get("error") else "diverged" if r.get("diverged") else "finite"
+        print(str(r.get("label", "")).ljust(width) + cells + "  " + status)
     for line in results.get("findings", []):
-        print(f"- {line}")
+        print(textwrap.fill(line, width=100, initial_indent="- ", subsequent_indent="  "))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -120,9 +141,10 @@ def _demo(args: argparse.Namespace) -> int:
     report = out / "report.html"
     if report.exists():
         print(f"HTML report:       {report}")
-    for r in results.get("runs", []):
-        if r.get("recording"):
-            print(f"recording:         {out / r['recording']}")
+    recordings = [r["recording"] for r in results.get("runs", []) if r.get("recording")]
+    if recordings:
+        folder = (out / recordings[0]).parent
+        print(f"recordings:        {folder}{os.sep} ({len(recordings)} files)")
     return 0
 
 

@@ -48,13 +48,24 @@ def test_structures_notebook_rejects_an_unknown_structure_listing_forms(failing_
     assert "structures" in error and "'blocky'" in error and "block{N}diagonal" in error
 
 
-def test_half_precision_notebook_keeps_singd_finite_and_writes_report(run_notebook, tmp_path):
-    from diagnostics import Recording
+def test_demo_runs_notebook_03_and_prints_paths_and_summary(tmp_path, capsys):
+    """`python -m diagnostics demo` (what `make demo` runs) with small non-default parameters."""
+    import json
 
-    out = run_notebook(
-        "03_half_precision_stability.ipynb", tmp_path, optimizers=["kfac", "singd"],
-        structures=["diagonal", "dense"], steps=12, record_every=4, min_accuracy=0.0, seed=1,
-    )  # fmt: skip
+    from diagnostics import Recording
+    from diagnostics.__main__ import main
+
+    params = {"optimizers": '["kfac", "singd"]', "structures": '["diagonal", "dense"]',
+              "steps": "12", "record_every": "4", "min_accuracy": "0.0", "seed": "1"}  # fmt: skip
+    argv = ["demo", "--out", str(tmp_path)]
+    for name, value in params.items():
+        argv += ["-p", name, value]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "report.html") in printed
+    assert str(tmp_path / "03_half_precision_stability.ipynb") in printed
+    assert "singd-bf16" in printed and "gave up" in printed
+    out = json.loads((tmp_path / "results.json").read_text())
     runs = {r["label"]: r for r in out["runs"]}
     assert set(runs) == {"kfac-fp32", "singd-fp32", "kfac-bf16", "singd-bf16"}
     assert runs["singd-bf16"]["nan_inf_events"] == 0 and not runs["singd-bf16"]["error"]
@@ -67,7 +78,6 @@ def test_half_precision_notebook_keeps_singd_finite_and_writes_report(run_notebo
         assert rec.summary["why"]
     report = (tmp_path / "report.html").read_text()
     assert "singd-bf16" in report and "<script src=" not in report
-    assert (tmp_path / "03_half_precision_stability.ipynb").is_file()
 
 
 def test_half_precision_notebook_rejects_float8_naming_dtype_and_valid_values(
