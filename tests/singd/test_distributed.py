@@ -39,6 +39,8 @@ CASES += [("ddp-f64K", "dense", 2)]  # K in float64: two buffers
 # work sharing: each rank updates one of the two layers and all_gathers K, C, m_K, m_C
 SHARED = [("ddp-share", "dense", 1), ("ddp-share", "hier-toeplitz", 3)]
 CASES += SHARED
+# gradient accumulation under DDP: 2 micro-batches per rank, the first under no_sync()
+CASES += [("ddp-accum", "diag-block", 1)]
 CHECKPOINT_AT = 4
 CKPT_CASE = ("ddp", "diag-block", 3)
 
@@ -81,6 +83,13 @@ def train(case: tuple, rank: int, world: int, steps: range, model=None, opt=None
         X, y = batch(t)
         X, y = X[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
         opt.zero_grad()
+        if mode == "ddp-accum" and world > 1:  # 2 micro-batches, DDP syncs on the last only
+            half = shard // 2
+            with net.no_sync():
+                (nn.functional.cross_entropy(net(X[:half]), y[:half]) / 2).backward()
+            (nn.functional.cross_entropy(net(X[half:]), y[half:]) / 2).backward()
+            opt.step()
+            continue
         reduction = "sum" if mode == "sum" else "mean"
         nn.functional.cross_entropy(net(X), y, reduction=reduction).backward()
         if mode == "sum" and world > 1:
