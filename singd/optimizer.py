@@ -29,7 +29,14 @@ from singd.capture import (
 )
 from singd.distributed import default_reducer
 from singd.structures import FORMS, StructuredMatrix, structure
-from singd.update import Gram, gram, heavy_ball_, precondition, riemannian_step
+from singd.update import (
+    Gram,
+    gram,
+    heavy_ball_,
+    inner_statistic,
+    precondition,
+    riemannian_step,
+)
 from singd.views import FactorView, LayerFactors
 
 #: Hyper-parameters and their defaults (also the per-param-group keys).
@@ -442,10 +449,10 @@ class SINGD(Optimizer):
             K = st.K
             if K.dtype == torch.float16:  # mean of squares, accumulated in fp32
                 a = (a.float() * (1.0 / math.sqrt(rows))).half()
-                term_K, w_K = K.from_inner(a.T).to(dtype=torch.float32), float(rows)
+                term_K, w_K = inner_statistic(K, a).to(dtype=torch.float32), float(rows)
             else:
                 a = a if a.dtype == K.dtype else a.to(K.dtype)
-                term_K, w_K = K.from_inner(a.T), 1.0
+                term_K, w_K = inner_statistic(K, a), 1.0
             if st.acc_K is None:
                 st.acc_K = _Accumulator()
             st.acc_K.add(term_K, w_K, rows)
@@ -458,10 +465,10 @@ class SINGD(Optimizer):
                 peak = float(g32.abs().max()) if g32.numel() else 0.0
                 peak = peak if math.isfinite(peak) and peak > 0 else 1.0
                 g = (g32 * (1.0 / peak)).half()
-                term_C, w_C = C.from_inner(g.T).to(dtype=torch.float32), peak * peak
+                term_C, w_C = inner_statistic(C, g).to(dtype=torch.float32), peak * peak
             else:
                 g = g if g.dtype == C.dtype else g.to(C.dtype)
-                term_C, w_C = C.from_inner(g.T), 1.0
+                term_C, w_C = inner_statistic(C, g), 1.0
             if st.acc_C is None:
                 st.acc_C = _Accumulator()
             st.acc_C.add(term_C, w_C, n)

@@ -101,6 +101,20 @@ def riemannian_step(
     return K, C, m_K, m_C
 
 
+def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
+    """``Pi(F^T X^T X F)`` for data ``X = rows`` of shape ``(R, dim)``, in F's dtype.
+
+    Dense-storage factors (dense, tril, triu) with ``R > dim`` form ``X^T X`` first
+    (``2 R d^2 + 4 d^3`` instead of ``4 R d^2`` flops); every other case is
+    ``F.from_inner(X^T)``, which never forms a ``d x d`` matrix for sparse structures.
+    """
+    if isinstance(F, (Dense, Triangular)) and rows.shape[0] > F.dim:
+        A = rows.T @ rows
+        M = F.mat.T @ A @ F.mat
+        return Dense(M) if isinstance(F, Dense) else type(F).from_dense(M)
+    return F.from_inner(rows.T)
+
+
 # ---------------------------------------------------------------------- preconditioning
 @dataclass
 class Gram:
