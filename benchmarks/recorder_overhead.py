@@ -7,14 +7,19 @@ Configurations (each against the same training loop without any recorder):
 - ``every10-nospectra``: ``Recorder(every=10, spectra=False)`` (events and memory on);
 - ``every10-nospectra-lossonly``: as above with ``check_finite="loss"``.
 
-Method: ``--rounds`` rounds; in each round every configuration trains a fresh, identically
-seeded model for ``--warmup`` + ``--steps`` steps on the same pre-built batches, in an
-order rotated from round to round; the time of the ``--steps`` timed steps (wall clock,
-including ``recorder.step``) is divided by their number. Overhead of a configuration is
-the median over rounds of (its time per step / the no-recorder time per step of the
-same round) - 1. Run with::
+Method: every configuration trains its own identically seeded model on the same batches,
+and all of them advance *together*, one step each, in an order rotated every step, so
+that load from other processes on a shared machine hits them alike. Each step is timed
+(``zero_grad`` to ``recorder.step`` inclusive) by the CPU time of the training thread
+(``time.thread_time``, default: on a shared machine it is far less disturbed by other
+processes than the wall clock, and with one torch thread and ``workers=0`` all work of
+a step runs on that thread) or, with ``--clock wall``, by the wall clock. Steps are grouped in
+blocks of 10 (one recording period, so every block holds exactly one recorded step);
+the overhead of a configuration is the median over blocks of (its block time / the
+no-recorder block time) - 1, with the quartiles, and also the ratio of the mean times.
+Run with::
 
-    .venv/bin/python benchmarks/recorder_overhead.py --threads 1
+    .venv/bin/python benchmarks/recorder_overhead.py --threads 1 --blocks 100
 """
 
 from __future__ import annotations
@@ -79,60 +84,100 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return SINGD(model, lr=1e-3)
 
 
-def run(opt_name: str, config: dict | None, data, warmup: int, steps: int) -> float:
-    """Seconds per timed training step."""
-    model = make_model()
-    opt = make_optimizer(opt_name, model)
-    rec = Recorder(opt, model, **config) if config is not None else None
-    t0 = 0.0
-    for i, (x, y) in enumerate(data[: warmup + steps]):
-        if i == warmup:
-            t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+class Trainer:
+    """One model + optimizer (+ recorder) that can be advanced one timed step at a time."""
+
+    def __init__(self, opt_name: str, config: dict | None) -> None:
+        self.model = make_model()
+        self.opt = make_optimizer(opt_name, self.model)
+        self.rec = Recorder(self.opt, self.model, **config) if config is not None else None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One training step (plus ``recorder.step``): (wall seconds, thread CPU seconds)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
         loss.backward()
-        opt.step()
-        if rec is not None:
-            rec.step(loss=loss)
-    dt = (time.perf_counter() - t0) / steps
-    if rec is not None:
-        rec.close()
-    return dt
+        self.opt.step()
+        if self.rec is not None:
+            self.rec.step(loss=loss)
+        return time.perf_counter() - t0, time.thread_time() - c0
+
+
+def measure(
+    opt_name: str, data, warmup: int, blocks: int, period: int, clock: int
+) -> dict[str, list[float]]:
+    """Per configuration, the time of each block of ``period`` steps (one recorded step each).
+
+    ``clock`` 0: wall time; 1: CPU time of the training thread.
+
+    All configurations advance together, one step each in an order rotated every step, so
+    that load from other processes hits all of them alike.
+    """
+    names = list(CONFIGS)
+    trainers = {n: Trainer(opt_name, CONFIGS[n]) for n in names}
+    times = {n: [] for n in names}
+    acc = dict.fromkeys(names, 0.0)
+    for i in range(warmup + blocks * period):
+        x, y = data[i % len(data)]
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            dt = trainers[n].step(x, y)[clock]
+            if i >= warmup:
+                acc[n] += dt
+        if i >= warmup and (i - warmup + 1) % period == 0:
+            for n in names:
+                times[n].append(acc[n])
+                acc[n] = 0.0
+    for t in trainers.values():
+        if t.rec is not None:
+            t.rec.close()
+    return times
 
 
 def main() -> None:
     """Measure and print a markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--blocks", type=int, default=100, help="blocks of 10 steps measured")
+    ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--optimizers", nargs="+", default=["adamw", "singd"])
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: CPU time of the training thread (robust on a loaded machine); wall: wall clock",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = batches(128, args.warmup + args.steps)
-    print(f"torch {torch.__version__}, threads {args.threads}, rounds {args.rounds}, "
-          f"{args.steps} timed steps (+{args.warmup} warm-up) per run")  # fmt: skip
-    print("| optimizer | recorder | ms / step (median) | overhead (median of paired ratios) |")
-    print("|---|---|---|---|")
+    period = 10
+    data = batches(128, 200)
+    print(
+        f"torch {torch.__version__}, {args.threads} torch thread(s), {args.clock} clock, "
+        f"{args.blocks} blocks x {period} steps (+{args.warmup} warm-up), interleaved"
+    )
+    print("| optimizer | recorder | ms / step (mean) | overhead: median of block ratios "
+          "[25%, 75%] | overhead: ratio of means |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for opt_name in args.optimizers:
         try:
             make_optimizer(opt_name, make_model())
-        except Exception as err:  # SINGD may not be importable yet
-            print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | |")
+        except Exception as err:  # SINGD may not be importable
+            print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | | |")
             continue
-        names = list(CONFIGS)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for n in order:
-                times[n].append(run(opt_name, CONFIGS[n], data, args.warmup, args.steps))
+        clock = 0 if args.clock == "wall" else 1
+        times = measure(opt_name, data, args.warmup, args.blocks, period, clock)
         base = times["none"]
-        for n in names:
-            ratios = [t / b - 1.0 for t, b in zip(times[n], base)]
-            ms = 1e3 * statistics.median(times[n])
-            ov = "-" if n == "none" else f"{100 * statistics.median(ratios):+.1f} %"
-            print(f"| {opt_name} | {n} | {ms:.3f} | {ov} |")
+        for n, ts in times.items():
+            ms = 1e3 * statistics.fmean(ts) / period
+            if n == "none":
+                print(f"| {opt_name} | {n} | {ms:.3f} | - | - |")
+                continue
+            ratios = sorted(t / b - 1.0 for t, b in zip(ts, base))
+            q1, med, q3 = (ratios[int(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75))
+            mean_ratio = statistics.fmean(ts) / statistics.fmean(base) - 1.0
+            print(f"| {opt_name} | {n} | {ms:.3f} | {100 * med:+.1f} % [{100 * q1:+.1f}, "
+                  f"{100 * q3:+.1f}] | {100 * mean_ratio:+.1f} % |")  # fmt: skip
 
 
 if __name__ == "__main__":

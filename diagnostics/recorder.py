@@ -14,10 +14,14 @@ Usage (any ``torch.optim`` optimizer, `singd.SINGD` or `singd.KFAC`)::
 What it costs, by step kind:
 
 - **unrecorded steps**: a clock read and a finiteness check chosen by ``check_finite``:
-  ``"grads"`` (default, also ``True``): the loss and every gradient (one grouped
-  ``torch._foreach_norm``, read with one host sync); ``"loss"``: the loss only; ``False``:
-  nothing. A step that the GradScaler skipped (``optimizer.step()`` was not called) is
-  always inspected. No hooks are installed on these steps.
+  ``"loss"`` (default): the loss only (one host sync on GPU, none on CPU); ``"grads"``
+  (also ``True``): the loss and every gradient (one grouped ``torch._foreach_norm`` read
+  with one host sync); ``False``: nothing. A step that the GradScaler skipped
+  (``optimizer.step()`` was not called) is always inspected. No hooks are installed on
+  these steps. With ``"loss"``, a NaN/Inf born in the forward pass is caught at its step
+  (it reaches the loss); one born in the backward pass without a GradScaler is caught one
+  step later, when the updated parameters make the loss non-finite (its events then say
+  ``parameter update`` at the next step); ``"grads"`` catches it at its own step.
 - **recorded steps** (the schedule ``every``): forward hooks and output-gradient tensor hooks
   on every module that owns parameters are installed just for this step; at `step` the
   recorder reads the loss, gradients, parameters, the update (parameters before/after
@@ -116,6 +120,8 @@ def _norms(tensors: list[torch.Tensor]) -> list[float]:
             res = [torch.linalg.vector_norm(t, **kw) for t in group]
         for i, r in zip(idx, res):
             out[i] = r
+    if all(o.device.type == "cpu" for o in out):
+        return [float(o) for o in out]  # no sync to save on the CPU; stacking costs more
     dev = out[0].device
     return torch.stack([o.to(dev, torch.float64) for o in out]).cpu().tolist()
 
@@ -163,10 +169,10 @@ class Recorder:
             a callable ``step -> bool``.
         spectra: compute factor spectra, extreme eigenvalues and condition numbers.
         events: detect NaN/Inf events.
-        check_finite: the check on unrecorded steps: ``"grads"`` (or True; loss and all
-            gradients), ``"loss"`` (loss only) or False (events only on recorded steps and
-            skipped steps). Parameters, factors and state are checked on recorded steps
-            and whenever the check trips.
+        check_finite: the check on unrecorded steps: ``"loss"`` (loss only, default),
+            ``"grads"`` (or True; loss and all gradients) or False (events only on
+            recorded steps and skipped steps). Parameters, factors and state are checked
+            on recorded steps and whenever the check trips.
         memory: record optimizer state bytes and peak process memory on recorded steps.
         scaler: a ``torch.amp.GradScaler`` (gives the grad scale in events and steps).
         max_dim: factors larger than this get a power-iteration estimate of the extremes.
@@ -187,7 +193,7 @@ class Recorder:
         *,
         spectra: bool = True,
         events: bool = True,
-        check_finite: bool | str = "grads",
+        check_finite: bool | str = "loss",
         memory: bool = True,
         scaler: Any = None,
         max_dim: int = M.DEFAULT_MAX_DIM,
@@ -250,6 +256,7 @@ class Recorder:
                     names.setdefault(id(p), (mod_name or MODEL, pname))
         self._names = [names.get(id(p), (f"param{i}", "param")) for i, p in enumerate(self._params)]
         self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._grad_names = [short + ".grad" for _, short in self._names]
         self._cpu = all(p.device.type == "cpu" for p in self._params)
         self._has_factors = callable(getattr(optimizer, "preconditioner_factors", None))
         self._has_state_bytes = callable(getattr(optimizer, "state_bytes", None))
@@ -361,7 +368,8 @@ class Recorder:
                 raise ValueError(
                     f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
                 )
-            loss_v: Any = loss.detach()
+            # on the CPU a float costs nothing; elsewhere keep the tensor (no host sync)
+            loss_v: Any = loss.item() if loss.device.type == "cpu" else loss.detach()
         elif loss is None:
             loss_v = math.nan
         elif isinstance(loss, (int, float)):
@@ -486,8 +494,8 @@ class Recorder:
         """Check one hooked tensor; on CPU decide at once, elsewhere keep its norm for `step`."""
         t = t.detach()
         norm = torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _LOW else None)
-        if t.device.type == "cpu":
-            if not math.isfinite(float(norm)):
+        if t.is_cpu:
+            if not math.isfinite(norm.item()):
                 self._hook_items.append((phase, layer, tensor, t, M.count_vector(t)))
         else:
             self._hook_items.append((phase, layer, tensor, t, norm))
@@ -538,13 +546,16 @@ class Recorder:
         return out
 
     def _factors(self) -> list[tuple[str, str, Any, torch.Tensor]]:
-        """(layer, factor, view, dense copy) from ``preconditioner_factors()``, if offered."""
+        """(layer, factor, view, dense matrix) from ``preconditioner_factors()``, if offered."""
         if not self._has_factors:
             return []
         out = []
         for layer, lf in self.optimizer.preconditioner_factors().items():
             for fname, view in lf.factors.items():
-                out.append((str(layer), str(fname), view, view.dense()))
+                m = view.matrix
+                # read-only: to_dense() may share storage with the optimizer; never written
+                dense = (m if isinstance(m, torch.Tensor) else m.to_dense()).detach()
+                out.append((str(layer), str(fname), view, dense))
         return out
 
     def _inspect(
@@ -629,24 +640,24 @@ class Recorder:
     ) -> list[tuple[str, str, str, torch.Tensor]]:
         """Tensors looked at (for events and norms), each with its phase, layer and name.
 
-        Always the loss and gradients; with ``full`` also parameters and factors; with
-        ``state`` the generic optimizer state (optimizers without factors).
+        Always the loss, gradients and the given factors; with ``full`` also parameters;
+        with ``state`` the generic optimizer state (optimizers without factors).
         """
         out: list[tuple[str, str, str, torch.Tensor]] = []
         if isinstance(loss_v, torch.Tensor):
             out.append(("forward", MODEL, "loss", loss_v))
         elif not math.isfinite(loss_v):
             out.append(("forward", MODEL, "loss", torch.tensor(loss_v, dtype=torch.float64)))
-        for p, (layer, short) in zip(self._params, self._names):
+        for p, (layer, _), gname in zip(self._params, self._names, self._grad_names):
             g = p.grad
             if g is not None and g.is_floating_point():
-                out.append(("backward", layer, short + ".grad", g))
+                out.append(("backward", layer, gname, g))
         if full:
             for p, (layer, short) in zip(self._params, self._names):
                 if p.is_floating_point():
                     out.append(("parameter update", layer, short, p))
-            for layer, fname, _, dense in factors:
-                out.append(("preconditioner update", layer, fname, dense))
+        for layer, fname, _, dense in factors:
+            out.append(("preconditioner update", layer, fname, dense))
         if state:
             for layer, short, key, t, _ in self._state_items():
                 out.append(("preconditioner update", layer, f"{short}.{key}", t))
@@ -700,10 +711,26 @@ class Recorder:
         for i, g in enumerate(self.optimizer.param_groups):
             if "lr" in g:
                 mrows.append((s, f"group{i}", "optimizer", "lr", float(g["lr"])))
-        # factors (SINGD / KFAC): on the worker thread when there is one
-        if factors:
+        # factors (SINGD / KFAC): spectra on the worker thread when there is one
+        if factors and not self.spectra:  # cheap metrics straight from the norms above
+            fnorm = {
+                (c[1], c[2]): n
+                for c, n in zip(cands, norms)
+                if c[0] == "preconditioner update" and "." not in c[2]
+            }
+            for layer, fname, view, dense in factors:
+                n = fnorm[(layer, fname)]
+                mrows.append((s, layer, fname, "norm_fro", n))
+                if view.role == "root":
+                    mrows.append((s, layer, fname, "trace", n * n))
+                elif view.role == "symmetric":
+                    tr = float(torch.diagonal(dense).sum(dtype=torch.float64))
+                    mrows.append((s, layer, fname, "trace", tr))
+        elif factors:
+            copy = self.workers > 0  # the optimizer changes its factors while a worker reads
             jobs = [
-                (layer, fname, v.role, v.structure, dense) for layer, fname, v, dense in factors
+                (layer, fname, v.role, v.structure, dense.clone() if copy else dense)
+                for layer, fname, v, dense in factors
             ]
             if self.workers:
                 if self._pool is None:

@@ -271,7 +271,7 @@ def _event_keys(rec):
 def test_nan_in_a_gradient_gives_exactly_the_gradient_and_parameter_events(step):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = Recorder(opt, model, every=[0])
+    rec = Recorder(opt, model, every=[0], check_finite="grads")
 
     def inject(i):
         if i == step:
@@ -283,13 +283,27 @@ def test_nan_in_a_gradient_gives_exactly_the_gradient_and_parameter_events(step)
         (step, "parameter update", "2", "weight", 1, 0, 0),
     ]
     ev = rec.recording.events.iloc[0]
-    assert (ev["dtype"], ev["shape"], ev["numel"], bool(ev["skipped"])) == (
-        "float32",
-        "(3, 5)",
-        15,
-        False,
-    )
+    got = (ev["dtype"], ev["shape"], ev["numel"], bool(ev["skipped"]))
+    assert got == ("float32", "(3, 5)", 15, False)
     assert ev.finite_absmax == pytest.approx(float(model[2].weight.grad.nan_to_num().abs().max()))
+
+
+def test_loss_only_check_catches_a_gradient_nan_one_step_later_through_the_loss():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=[0])  # default check_finite="loss"
+
+    def inject(i):
+        if i == 1:
+            model[2].weight.grad[1, 3] = float("nan")
+
+    _train(model, opt, rec, 3, before_step=inject)
+    ev = rec.recording.events
+    assert 1 not in set(ev["step"])  # the loss of step 1 was still finite
+    at2 = ev[ev["step"] == 2]
+    assert ("forward", "(model)", "loss") in set(zip(at2.phase, at2.layer, at2.tensor))
+    assert ("parameter update", "2", "weight") in set(zip(at2.phase, at2.layer, at2.tensor))
+    assert rec._armed  # step 3 would be inspected with forward/backward hooks
 
 
 def test_inf_in_an_activation_gives_exactly_one_forward_event():
