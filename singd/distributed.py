@@ -17,13 +17,14 @@ shards it is the objective DDP optimises. With ``loss_average=None`` (a sum loss
 a sum over loss terms, so it is summed over ranks (``H_K`` is still averaged).
 
 **Work sharing** (``StatisticsReducer(share_work=True)``, off by default): after the
-statistics are reduced, each rank runs the preconditioner update (``riemannian_step`` and the
-Gram caches) only for its share of the layers, assigned greedily by cost (stored entries to
-the power 1.5: ``d^3`` for dense factors), and one ``all_gather`` per dtype hands every rank
-the new K, C (and momenta ``m_K``, ``m_C``, so that any rank can write a checkpoint). It
-pays where the update is cubic and the copy quadratic: wide dense (or ``tril``/``triu``)
-factors updated often; see ``benchmarks/RESULTS.md``, section Data-parallel. The result is
-bitwise the same as without sharing.
+statistics are reduced, each rank runs the preconditioner update (``riemannian_step``) only
+for its share of the layers, assigned greedily by cost (stored entries to the power 1.5:
+``d^3`` for dense factors), and one ``all_gather`` per dtype hands every rank the new K, C
+(and momenta ``m_K``, ``m_C``, so that any rank can write a checkpoint); the Gram caches
+(T > 1) are still computed on every rank. It can pay only where the update is cubic and the
+copy quadratic: wide dense (or ``tril``/``triu``) factors updated often; measured in
+``benchmarks/RESULTS.md``, section Data-parallel. The result is bitwise the same as without
+sharing.
 
 :func:`default_reducer` is what SINGD installs at construction: a reducer when
 ``torch.distributed`` is initialised with more than one rank (the DDP model's process group
@@ -67,7 +68,10 @@ class StatisticsReducer:
     bf16 tensors in the float32 buffer (default) instead of their own dtype. ``share_work``:
     SINGD updates each layer's K and C on one rank only and :meth:`share_factors` copies them
     to the others (see the module docstring). ``counters`` records calls, collectives and
-    bytes sent per rank (the payload of each collective).
+    bytes sent per rank (the payload of each collective). Each float32/float64 buffer carries
+    two check entries (tensor count and size) so that ranks passing different statistics
+    raise a RuntimeError instead of silently diverging (reading them back is one device sync
+    per update step on a GPU).
     """
 
     def __init__(
