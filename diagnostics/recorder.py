@@ -258,6 +258,12 @@ class Recorder:
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._grad_names = [short + ".grad" for _, short in self._names]
         self._cpu = all(p.device.type == "cpu" for p in self._params)
+        self._sizes = [p.numel() for p in self._params]
+        self._flat = (
+            bool(self._params)
+            and len({(p.device, p.dtype) for p in self._params}) == 1
+            and sum(self._sizes) <= 1 << 22  # small models: per-tensor op overhead dominates
+        )
         self._has_factors = callable(getattr(optimizer, "preconditioner_factors", None))
         self._has_state_bytes = callable(getattr(optimizer, "state_bytes", None))
 
@@ -448,7 +454,10 @@ class Recorder:
         self._stepped = True
         if self._schedule(self._step):
             with torch.no_grad():
-                self._before = [p.detach().clone() for p in self._params]
+                if self._flat:  # one copy of all parameters instead of one per tensor
+                    self._before = [torch.cat([p.detach().reshape(-1) for p in self._params])]
+                else:
+                    self._before = [p.detach().clone() for p in self._params]
 
     def _arm(self) -> None:
         """Install forward hooks (activations) and output-gradient hooks for one step."""
@@ -677,7 +686,12 @@ class Recorder:
         before = self._before
         n_upd = 0
         tensors = [c[3] for c in cands]
-        if before is not None and len(before) == len(self._params):
+        if before is not None and len(before) == 1 and self._flat:
+            after = torch.cat([p.detach().reshape(-1) for p in self._params])
+            diffs = before[0].sub_(after).split(self._sizes)  # -update, one view per param
+            tensors.extend(diffs)
+            n_upd = len(diffs)
+        elif before is not None and len(before) == len(self._params):
             torch._foreach_sub_(before, self._params)  # before <- before - after = -update
             tensors.extend(before)
             n_upd = len(before)
