@@ -9,7 +9,7 @@ for the MLP only, fp16-autocast) and each optimizer variant:
 2. *seeds*: seeds 1 .. S-1 train at the chosen learning rate; test accuracy is reported
    as mean +- std over seeds 0 .. S-1 (population std).
 
-Every variant gets the same budget: 3 tuning runs + (S-1) seed runs per cell (12 epochs
+Every variant gets the same budget: 3 tuning runs + (S-1) seed runs per cell (10 epochs
 each, 5 with ``--quick``). All other hyper-parameters are fixed for every cell (see
 ``VARIANTS``); they were chosen once in a pilot on the MLP validation split (fp32 and
 bf16-pure): damping 1e-1 for SINGD/IKFAC/KFAC (1e-3 diverged or lost accuracy), lr_cov
@@ -17,8 +17,10 @@ bf16-pure): damping 1e-1 for SINGD/IKFAC/KFAC (1e-3 diverged or lost accuracy), 
 warm-up changed nothing at this damping). A ViT pilot (validation split, SINGD diagonal,
 8 epochs) over damping {1e-3, 1e-2, 0.1, 0.3, 1}, lr 1e-3..1e-1 and lr_cov/T
 {1e-2/1, 1e-1/5} found no setting above 64% validation accuracy (AdamW: 85%), so the
-fixed settings were kept. SGD with heavy-ball momentum 0.9 (the rule of SINGD's
-first-order fallback) is included as a reference.
+fixed settings were kept; the same pilot with AdamW (lr 1e-2) instead of the built-in
+heavy-ball fallback for the non-Linear parameters reached 86-89%, so that combination
+(``train(..., fallback="adamw")``, one shared lr) is a variant of its own. SGD with
+heavy-ball momentum 0.9 (the rule of SINGD's built-in fallback) is a reference.
 
 Usage::
 
@@ -61,6 +63,7 @@ STRUCTURED = ("diagonal", "hierarchical15_15", "block30diagonal", "triltoeplitz"
 SOFO_LR = (3e-3, 1e-2, 3e-2)  # second-order grid
 ADAMW_LR = (1e-3, 3e-3, 1e-2)
 SGD_LR = (1e-2, 3e-2, 1e-1)
+HYBRID = "SINGD diagonal + AdamW fallback"
 SINGD_FIXED = {"damping": 0.1, "lr_cov": 0.1, "T": 5, "momentum": 0.9}
 KFAC_FIXED = {"damping": 0.1, "T": 5, "momentum": 0.9, "ema_decay": 0.95}
 
@@ -73,6 +76,7 @@ class Variant:
     optimizer: str
     options: dict[str, Any] = field(default_factory=dict)
     lr_grid: tuple[float, ...] = SOFO_LR
+    fallback: str = "builtin"
 
 
 def _singd(structure: str) -> Variant:
@@ -88,7 +92,15 @@ VARIANTS: tuple[Variant, ...] = (
     _singd("dense"),
     *(_singd(s) for s in STRUCTURED),
     Variant("IKFAC", "ikfac", {**SINGD_FIXED, "structures": ("dense", "dense")}),
+    Variant(
+        HYBRID,
+        "singd",
+        {**SINGD_FIXED, "structures": ("diagonal", "diagonal")},
+        fallback="adamw",
+    ),
 )
+#: SINGD variants with a structured (non-dense) factor, for the target check.
+STRUCTURED_LABELS = (*(f"SINGD {s}" for s in STRUCTURED), HYBRID)
 
 
 def cells(workloads: Iterable[str]) -> list[tuple[str, str]]:
@@ -116,6 +128,7 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
         precision=task["precision"],
         seed=task["seed"],
         optimizer_options=variant.options,
+        fallback=variant.fallback,
         progress=False,
         **length,
     )
@@ -231,6 +244,9 @@ def _fmt_bytes(b: float) -> str:
     return f"{b / 1024:.1f} KiB" if b < 1024**2 else f"{b / 1024**2:.2f} MiB"
 
 
+_FIRST_ORDER = ("momentum", "momentum_buffer", "exp_avg", "exp_avg_sq")
+
+
 def aggregate(tuning: list[dict], seeds: list[dict]) -> list[dict[str, Any]]:
     """One summary row per (workload, precision, variant) cell."""
     by_cell: dict[tuple, dict[str, list]] = defaultdict(lambda: {"tune": [], "seed": []})
@@ -261,7 +277,7 @@ def aggregate(tuning: list[dict], seeds: list[dict]) -> list[dict[str, Any]]:
                 "upcasts": sum(r["upcasts"] for r in runs),
                 "state_bytes": max(r["optimizer_state_bytes"] for r in runs),
                 "precond_bytes": max(
-                    sum(b for c, b in r["state_components"].items() if c != "momentum")
+                    sum(b for c, b in r["state_components"].items() if c not in _FIRST_ORDER)
                     for r in runs
                 ),
                 "peak_rss": max(r["peak_memory_bytes"] for r in runs),
@@ -291,27 +307,25 @@ def target_check(summary: list[dict[str, Any]]) -> list[str]:
         if "AdamW" not in cell:
             continue
         adam = cell["AdamW"]
-        best = None
-        parts = []
-        for s in STRUCTURED:
-            r = cell.get(f"SINGD {s}")
+        parts, gaps = [], []
+        for label in STRUCTURED_LABELS:
+            r = cell.get(label)
             if r is None:
                 continue
             gap = r["test_mean"] - adam["test_mean"]
             ok = gap >= -0.5 and r["nan_events"] == 0 and r["errors"] == 0
-            parts.append(f"{s} {gap:+.2f} pp ({r['nan_events']} NaN/Inf){' ok' if ok else ''}")
-            if best is None or gap > best[1]:
-                best = (s, gap, ok)
-        if best is None:
+            name = label.removeprefix("SINGD ")
+            parts.append(f"{name} {gap:+.2f} pp ({r['nan_events']} NaN/Inf){' ok' if ok else ''}")
+            gaps.append((ok, gap, name))
+        if not gaps:
             continue
-        met = any(
-            cell[f"SINGD {s}"]["test_mean"] - adam["test_mean"] >= -0.5
-            and cell[f"SINGD {s}"]["nan_events"] == 0
-            and cell[f"SINGD {s}"]["errors"] == 0
-            for s in STRUCTURED
-            if f"SINGD {s}" in cell
+        met = [g for g in gaps if g[0]]
+        best = max(gaps, key=lambda g: g[1])
+        verdict = (
+            "**met** by " + ", ".join(g[2] for g in met)
+            if met
+            else f"**missed** (best gap {best[1]:+.2f} pp, {best[2]})"
         )
-        verdict = "**met**" if met else f"**missed** (best gap {best[1]:+.2f} pp, {best[0]})"
         lines.append(
             f"- {w}: AdamW {adam['test_mean']:.2f}%; structured SINGD minus AdamW: "
             + "; ".join(parts)
@@ -368,7 +382,10 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"(alpha1 0.5 for SINGD, 0 for IKFAC), KFAC {KFAC_FIXED} (Cholesky, "
         "on_inverse_failure='upcast'), AdamW torch defaults (weight decay 0.01), SGD momentum "
         "0.9 (the heavy-ball rule SINGD and KFAC apply to parameters outside Linear/Conv2d "
-        "layers: LayerNorm, positional embedding, nn.MultiheadAttention). bf16-pure: "
+        "layers: LayerNorm, positional embedding, nn.MultiheadAttention). "
+        f"'{HYBRID}': SINGD (diagonal K and C) on the Linear/Conv2d layers and torch AdamW "
+        "(same lr) on all other parameters; it differs from 'SINGD diagonal' only on the ViT "
+        "(the MLP and CNN have no other parameters). bf16-pure: "
         "model, gradients and optimizer state in bf16 (SINGD's K, C; KFAC 'fp32 factors' "
         "keeps A, G and inverses in fp32).",
         "",
@@ -437,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 epochs")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3)")
-    parser.add_argument("--epochs", type=float, default=None, help="epochs per run (12)")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs per run (10)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (overrides)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
@@ -446,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-write", action="store_true", help="write neither file")
     args = parser.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
-    epochs = args.epochs or (5.0 if args.quick else 12.0)
+    epochs = args.epochs or (5.0 if args.quick else 10.0)
     if seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
 

@@ -32,6 +32,8 @@ OPTIMIZERS = ("adamw", "sgd", "kfac", "singd", "ikfac")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-pure", "fp16-autocast")
 #: What to do after a non-finite loss: end the run, or keep stepping.
 ON_NAN = ("stop", "continue")
+#: Who trains parameters outside Linear/Conv2d layers under kfac/singd/ikfac.
+FALLBACKS = ("builtin", "adamw")
 
 #: Learning rates used when ``lr`` is not given.
 DEFAULT_LR: dict[str, float] = {
@@ -109,6 +111,7 @@ class TrainResult:
     recording: Any = None
     model: nn.Module | None = field(default=None, repr=False)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    fallback_optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
     @property
     def nan_event_count(self) -> int:
@@ -183,16 +186,24 @@ def _reset_peak_rss() -> None:
 
 
 def make_optimizer(
-    name: str, model: nn.Module, lr: float, options: Mapping[str, Any] | None = None
+    name: str,
+    model: nn.Module,
+    lr: float,
+    options: Mapping[str, Any] | None = None,
+    params: list[Tensor] | None = None,
 ) -> torch.optim.Optimizer:
-    """Build the optimizer ``name`` (see :data:`OPTIMIZERS`) for ``model`` with ``options``."""
+    """Build the optimizer ``name`` (see :data:`OPTIMIZERS`) for ``model`` with ``options``
+    (over ``params`` when given, else all trainable parameters)."""
     _check_choice("optimizer", name, OPTIMIZERS)
     opts = dict(options or {})
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, **opts)
-    if name == "sgd":
+    if params is not None:
+        opts["params"] = params
+    if name in ("adamw", "sgd"):
+        ps = opts.pop("params", None) or [p for p in model.parameters() if p.requires_grad]
+        if name == "adamw":
+            return torch.optim.AdamW(ps, lr=lr, **opts)
         opts.setdefault("momentum", 0.9)
-        return torch.optim.SGD(model.parameters(), lr=lr, **opts)
+        return torch.optim.SGD(ps, lr=lr, **opts)
     if name == "kfac":
         from singd.kfac import KFAC
 
@@ -277,6 +288,7 @@ def train(
     seed: int = 0,
     optimizer_options: Mapping[str, Any] | None = None,
     lr_cov_warmup: int = 0,
+    fallback: str = "builtin",
     record: bool = False,
     record_every: int = 10,
     progress: bool = True,
@@ -306,6 +318,12 @@ def train(
             ``{"factor_dtype": "bfloat16"}`` for KFAC, ``{"weight_decay": 0}`` for AdamW.
         lr_cov_warmup: for SINGD/IKFAC, ramp ``lr_cov`` (default 1e-2) linearly from
             ``lr_cov / lr_cov_warmup`` to ``lr_cov`` over this many optimizer steps (0: off).
+        fallback: for kfac/singd/ikfac, who trains the parameters outside ``nn.Linear`` /
+            ``nn.Conv2d`` layers (LayerNorm, positional embeddings, ``nn.MultiheadAttention``):
+            "builtin" (default): the optimizer's own first-order fallback (heavy-ball SGD);
+            "adamw": a separate ``torch.optim.AdamW`` with the same ``lr`` (torch defaults
+            otherwise), stepped right after the main optimizer; its state is counted in
+            ``state_bytes["adamw_fallback"]`` and it is ``result.fallback_optimizer``.
         record: attach a ``diagnostics.recorder.Recorder`` (every ``record_every`` steps);
             the Recording comes back as ``result.recording``.
         progress: show a tqdm progress bar.
@@ -330,6 +348,9 @@ def train(
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("on_nan", on_nan, ON_NAN)
+    _check_choice("fallback", fallback, FALLBACKS)
+    if fallback != "builtin" and optimizer not in ("kfac", "singd", "ikfac"):
+        raise ValueError("fallback='adamw' applies only to optimizer 'kfac', 'singd' or 'ikfac'")
     if epochs is not None and steps is not None:
         raise ValueError("give at most one of epochs and steps")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -362,7 +383,21 @@ def train(
     dtype, fwd_context, scaler = _precision_setup(precision, device)
     model.to(device=device, dtype=dtype)
     model.train()
-    opt = make_optimizer(optimizer, model, lr, opt_kwargs)
+    extra: list[torch.optim.Optimizer] = []
+    if fallback == "adamw":
+        from singd.capture import find_layers
+
+        options["fallback"] = "adamw"
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        search = find_layers(model, trainable)
+        covered = {id(p) for layer in search.layers.values() for p in layer.params()}
+        main_params = [p for p in trainable if id(p) in covered]
+        others = [p for p in trainable if id(p) not in covered]
+        opt = make_optimizer(optimizer, model, lr, opt_kwargs, params=main_params)
+        if others:
+            extra.append(torch.optim.AdamW(others, lr=lr))
+    else:
+        opt = make_optimizer(optimizer, model, lr, opt_kwargs)
 
     recorder = None
     if record:
@@ -421,6 +456,8 @@ def train(
                 yb = yb.to(device)
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
+                for o in extra:
+                    o.zero_grad(set_to_none=True)
                 with fwd_context():
                     logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb)
@@ -440,12 +477,16 @@ def train(
                         scaler.scale(loss).backward()
                         scale_before = scaler.get_scale()
                         scaler.step(opt)
+                        for o in extra:
+                            scaler.step(o)
                         scaler.update()
                         if scaler.get_scale() < scale_before:
                             result.skipped_steps += 1
                     else:
                         loss.backward()
                         opt.step()
+                        for o in extra:
+                            o.step()
                 except _OPTIMIZER_FAILURES as err:
                     result.error = f"step {step}: {type(err).__name__}: {err}"
                     result.stopped_early = True
@@ -493,6 +534,12 @@ def train(
     if scaler is not None:
         result.grad_scale = float(scaler.get_scale())
     result.state_bytes = optimizer_state_bytes(opt)
+    for o in extra:
+        comps: dict[str, int] = {}
+        for layer in optimizer_state_bytes(o).values():
+            for comp, b in layer.items():
+                comps[comp] = comps.get(comp, 0) + b
+        result.state_bytes["adamw_fallback"] = comps
     result.optimizer_state_bytes = sum(sum(c.values()) for c in result.state_bytes.values())
     if recorder is not None:
         result.recording = recorder.recording
@@ -503,4 +550,5 @@ def train(
             result.recording.summary["error"] = result.error
     result.model = model
     result.optimizer = opt
+    result.fallback_optimizer = extra[0] if extra else None
     return result

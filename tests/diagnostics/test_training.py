@@ -182,3 +182,30 @@ def test_recording_of_a_diverging_run_holds_the_nan_event():
     result = train("mlp", "sgd", lr=1e6, steps=20, record=True, progress=False)
     assert result.diverged
     assert len(result.recording.events) >= 1
+
+
+def test_adamw_fallback_takes_every_parameter_outside_linear_and_conv_layers():
+    result = train(
+        "vit",
+        "singd",
+        lr=3e-3,
+        steps=3,
+        fallback="adamw",
+        optimizer_options={"damping": 0.1, "structures": ("diagonal", "diagonal")},
+        progress=False,
+    )
+    assert result.optimizer.fallback_parameters() == {}
+    fb = result.fallback_optimizer
+    assert isinstance(fb, torch.optim.AdamW)
+    in_singd = {id(p) for g in result.optimizer.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in fb.param_groups for p in g["params"]}
+    assert not in_singd & in_adamw
+    assert in_singd | in_adamw == {id(p) for p in result.model.parameters()}
+    assert result.state_bytes["adamw_fallback"]["exp_avg"] > 0
+
+
+def test_adamw_fallback_is_rejected_for_first_order_optimizers_and_bad_names():
+    with pytest.raises(ValueError, match="fallback='adamw' applies only"):
+        train("mlp", "sgd", steps=1, fallback="adamw", progress=False)
+    with pytest.raises(ValueError, match="fallback must be one of 'builtin', 'adamw'"):
+        train("mlp", "singd", steps=1, fallback="adam", progress=False)
