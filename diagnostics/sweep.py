@@ -200,17 +200,55 @@ def _json_cell(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def write_report(summary: pd.DataFrame, runs: pd.DataFrame, path: str | Path, title: str) -> Path:
-    """Write a self-contained HTML report: the summary table and metric comparison figures."""
+def _run_names(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """Short names of the inner runs: the parameters that vary, then the run's label."""
+    params = [c for c in parameter_columns(summary) if c in runs.columns] if len(summary) else []
+    varying = [c for c in params if summary[c].map(_json_cell).astype(str).nunique() > 1]
+    return [
+        " ".join(f"{n}={_json_cell(r[n])}" for n in varying) + f" | {r['label']}"
+        for _, r in runs.iterrows()
+    ]
+
+
+def _metric_figure(runs: pd.DataFrame, names: list[str], metrics: list[str]):
+    """A bar chart of one metric per inner run, with a dropdown choosing the metric."""
     import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, metric in enumerate(metrics):
+        fig.add_bar(x=names, y=runs[metric], name=metric, visible=i == 0)
+    buttons = [
+        {
+            "label": metric,
+            "method": "update",
+            "args": [
+                {"visible": [j == i for j in range(len(metrics))]},
+                {"yaxis": {"title": {"text": metric}}},
+            ],
+        }
+        for i, metric in enumerate(metrics)
+    ]
+    fig.update_layout(
+        title="metrics per run (choose the metric)",
+        updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.15, "xanchor": "right"}],
+        yaxis_title=metrics[0],
+        height=500,
+        margin={"b": 200},
+    )
+    return fig
+
+
+def write_report(summary: pd.DataFrame, runs: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Write a self-contained HTML report: summary table, metric and recording figures."""
+    from diagnostics import curves_figure, events_figure, memory_figure
+    from diagnostics.recording import Recording
 
     path = Path(path)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;"
-        "font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px}"
-        ".failed{background:#fdd}</style></head><body>",
+        "font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
     n_failed = int((summary["status"] != "ok").sum()) if len(summary) else 0
@@ -218,48 +256,40 @@ def write_report(summary: pd.DataFrame, runs: pd.DataFrame, path: str | Path, ti
     shown = summary.drop(columns=["notebook"], errors="ignore").map(_json_cell)
     table = shown.to_html(index=False, na_rep="", escape=True, float_format=lambda v: f"{v:.4g}")
     parts.append(table)
-    metrics = []
+
+    figures: list[tuple[str, Any]] = []
     if len(runs):
+        names = _run_names(summary, runs)
         skip = set(summary.columns) | {"label", "recording"}
         metrics = [
             c for c in runs.columns if c not in skip and pd.api.types.is_numeric_dtype(runs[c])
         ]
-    if metrics:
-        names = [c for c in runs.columns if c in summary.columns and c != "run"]
-        x = [
-            " ".join(f"{n}={_json_cell(r[n])}" for n in names) + f" | {r['label']}"
-            for _, r in runs.iterrows()
-        ]
-        fig = go.Figure()
-        for i, metric in enumerate(metrics):
-            fig.add_bar(x=x, y=runs[metric], name=metric, visible=i == 0)
-        buttons = [
-            {
-                "label": metric,
-                "method": "update",
-                "args": [
-                    {"visible": [j == i for j in range(len(metrics))]},
-                    {"yaxis": {"title": {"text": metric}}},
-                ],
-            }
-            for i, metric in enumerate(metrics)
-        ]
-        fig.update_layout(
-            title="metrics per run (choose the metric)",
-            updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.15, "xanchor": "right"}],
-            yaxis_title=metrics[0],
-            height=500,
-            margin={"b": 200},
-        )
-        parts.append("<h2>Comparison</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=True))
+        if metrics:
+            figures.append(("Metrics per run", _metric_figure(runs, names, metrics)))
+        recordings = {}
+        for name, file in zip(names, runs.get("recording", pd.Series([None] * len(runs)))):
+            if isinstance(file, str) and Path(file).is_file():
+                try:
+                    recordings[name] = Recording.load(file)
+                except ValueError:
+                    continue  # a damaged recording is left out of the figures, not fatal
+        if recordings:
+            figures.append(("Training curves", curves_figure(recordings, log_loss=True)))
+            figures.append(("NaN/Inf events", events_figure(recordings)))
+            figures.append(("Optimizer memory", memory_figure(recordings)))
+    for i, (heading, fig) in enumerate(figures):
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    links = []
     for _, row in summary.iterrows():
         run_html = Path(row["notebook"]).parent / "report.html"
         if run_html.exists():
-            rel = (
-                run_html.relative_to(path.parent.resolve()) if run_html.is_absolute() else run_html
+            rel = run_html.resolve().relative_to(path.parent.resolve())
+            links.append(
+                f"<li><a href='{html.escape(str(rel))}'>{html.escape(row['run'])}</a></li>"
             )
-            parts.append(f"<p><a href='{html.escape(str(rel))}'>report of {row['run']}</a></p>")
+    if links:
+        parts.append("<h2>Reports of the single runs</h2><ul>" + "".join(links) + "</ul>")
     parts.append("</body></html>")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
