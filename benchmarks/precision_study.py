@@ -77,6 +77,7 @@ class Variant:
     options: dict[str, Any] = field(default_factory=dict)
     lr_grid: tuple[float, ...] = SOFO_LR
     fallback: str = "builtin"
+    workloads: tuple[str, ...] = WORKLOADS  # where it differs from another variant
 
 
 def _singd(structure: str) -> Variant:
@@ -97,6 +98,7 @@ VARIANTS: tuple[Variant, ...] = (
         "singd",
         {**SINGD_FIXED, "structures": ("diagonal", "diagonal")},
         fallback="adamw",
+        workloads=("vit",),  # MLP and CNN have no parameter outside Linear/Conv2d
     ),
 )
 #: SINGD variants with a structured (non-dense) factor, for the target check.
@@ -384,8 +386,8 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "0.9 (the heavy-ball rule SINGD and KFAC apply to parameters outside Linear/Conv2d "
         "layers: LayerNorm, positional embedding, nn.MultiheadAttention). "
         f"'{HYBRID}': SINGD (diagonal K and C) on the Linear/Conv2d layers and torch AdamW "
-        "(same lr) on all other parameters; it differs from 'SINGD diagonal' only on the ViT "
-        "(the MLP and CNN have no other parameters). bf16-pure: "
+        "(same lr) on all other parameters; run on the ViT only (the MLP and CNN have no other "
+        "parameters, so there it equals 'SINGD diagonal'). bf16-pure: "
         "model, gradients and optimizer state in bf16 (SINGD's K, C; KFAC 'fp32 factors' "
         "keeps A, G and inverses in fp32).",
         "",
@@ -476,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         {**base, "workload": w, "precision": p, "variant": i, "lr": lr, "seed": 0, "phase": "tune"}
         for w, p in cells(args.workloads)
         for i, v in enumerate(VARIANTS)
+        if w in v.workloads
         for lr in v.lr_grid
     ]
     tuning = _pool_map(tune_tasks, args.jobs, "tuning (seed 0, lr grid)")
