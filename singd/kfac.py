@@ -68,7 +68,8 @@ _FACTORS = ("A", "G")
 
 
 class KFACInverseError(RuntimeError):
-    """A Kronecker factor could not be inverted in its dtype and upcasting was not allowed."""
+    """A Kronecker factor could not be inverted: its dtype failed and upcasting was not
+    allowed (``on_inverse_failure="raise"``), or the upcast inverse failed as well."""
 
 
 def _resolve_dtype(value: Any, arg: str) -> torch.dtype | None:
