@@ -589,3 +589,21 @@ def test_ddp_wrapped_model_trains_like_the_plain_model(tmp_path):
         torch.testing.assert_close(flat(model), flat(ref_model), rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+def test_sparse_factors_above_the_dense_gram_limit_store_no_dense_matrix():
+    """T > 1 caches K K^T densely only for small factors; a large hierarchical factor keeps
+    O(d) memory (its state bytes are exactly its stored entries)."""
+    from singd.update import DENSE_GRAM_MAX
+
+    torch.manual_seed(0)
+    d = DENSE_GRAM_MAX + 44
+    model = nn.Linear(d - 1, d)
+    opt = SINGD(model, T=2, alpha1=0.0, structures=("hierarchical15_15", "diagonal"))
+    X = torch.randn(8, d - 1)
+    opt.zero_grad()
+    model(X).square().mean().backward()
+    opt.step()
+    K = opt.preconditioner_factors()[""].factors["K"].matrix
+    assert opt.state_bytes()[""]["K"] == K.numel() * 4 < d * d * 4 // 4
+    assert opt.state_bytes()[""]["C"] == 2 * d * 4  # diagonal C plus its squared entries
