@@ -6,10 +6,13 @@ import struct
 import zlib
 
 import numpy as np
+import pytest
 
 from diagnostics import Recording
 from diagnostics.figures import save_figure, spectrum_figure
 from diagnostics.recording import frame_from_rows
+
+pytestmark = pytest.mark.browser
 
 
 def _recording() -> Recording:

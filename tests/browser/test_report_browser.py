@@ -11,6 +11,8 @@ import torch
 from diagnostics.report import report
 from diagnostics.training import train
 
+pytestmark = pytest.mark.browser
+
 # every figure of the report, in order (report.py names the divs fig-<key>-<index>)
 FIGURE_KEYS = ["curves", "condition", "spectrum", "events", "memory"]
 
