@@ -226,7 +226,10 @@ def test_notebook_03_runs_in_jupyterlab_and_its_dashboard_answers_the_layer_drop
 
         # the dashboard: ipywidgets controls and plotly FigureWidgets inside one output
         dash = page.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-dropdown"))
-        assert dash.count() == 1
+        assert dash.count() == 1, (
+            f"expected one dashboard output (ipywidgets dropdowns) in {NOTEBOOK.name}, "
+            f"found {dash.count()}"
+        )
         dash = dash.first
         dash.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
         assert dash.locator(".jupyter-widgets").count() >= 5
