@@ -282,20 +282,39 @@ def state_bytes_by_key(state: Mapping[str, object]) -> dict[str, int]:
 def second_moment_summary(v: torch.Tensor, eps: float = 0.0) -> dict[str, float]:
     """Min/max/mean of a second-moment estimate and the condition number of ``sqrt(v) + eps``.
 
-    This is the diagonal preconditioner Adam-type optimizers divide by. Reductions run in
-    the tensor's own storage (no copy) and are read back in float64; NaN propagates.
+    This is the diagonal preconditioner Adam-type optimizers divide by.
     """
-    x = v.detach()
-    if x.numel() == 0:
-        return {k: math.nan for k in ("min", "max", "mean", "cond")}
-    lo, hi, mean = torch.stack(
-        [x.min().double(), x.max().double(), x.mean(dtype=torch.float64)]
-    ).tolist()
-    if not all(math.isfinite(a) for a in (lo, hi, mean)):
-        return {"min": lo, "max": hi, "mean": mean, "cond": math.nan}
-    d_lo = math.sqrt(max(lo, 0.0)) + eps
-    d_hi = math.sqrt(max(hi, 0.0)) + eps
-    return {"min": lo, "max": hi, "mean": mean, "cond": _condition(d_hi, d_lo)}
+    return second_moment_summaries([(v, eps)])[0]
+
+
+def second_moment_summaries(items: list[tuple[torch.Tensor, float]]) -> list[dict[str, float]]:
+    """`second_moment_summary` of many tensors with one host sync.
+
+    Reductions run in each tensor's own storage (no copy; ``aminmax`` and a float64 sum),
+    so NaN propagates into the results (and the condition number becomes NaN).
+    """
+    parts: list[torch.Tensor] = []
+    for v, _ in items:
+        x = v.detach()
+        if x.numel() == 0:
+            parts.append(torch.full((3,), math.nan, dtype=torch.float64, device=x.device))
+            continue
+        lo, hi = torch.aminmax(x)
+        parts.append(torch.stack([lo.double(), hi.double(), x.sum(dtype=torch.float64)]))
+    if not parts:
+        return []
+    dev = parts[0].device
+    values = torch.stack([p.to(dev) for p in parts]).tolist()
+    out = []
+    for (v, eps), (lo, hi, total) in zip(items, values):
+        mean = total / v.numel() if v.numel() else math.nan
+        if not all(math.isfinite(a) for a in (lo, hi, mean)):
+            out.append({"min": lo, "max": hi, "mean": mean, "cond": math.nan})
+            continue
+        d_lo = math.sqrt(max(lo, 0.0)) + eps
+        d_hi = math.sqrt(max(hi, 0.0)) + eps
+        out.append({"min": lo, "max": hi, "mean": mean, "cond": _condition(d_hi, d_lo)})
+    return out
 
 
 def read_peak_rss() -> int | None:

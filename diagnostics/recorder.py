@@ -277,6 +277,7 @@ class Recorder:
         self._listeners: list[Listener] = []
         self._hook_handles: list[Any] = []
         self._hook_items: list[tuple] = []
+        self._eager: set[tuple[str, str]] = set()
         self._armed = False
         self._stepped = False
         self._before: list[torch.Tensor] | None = None
@@ -397,14 +398,15 @@ class Recorder:
             row[key] = float(v)
         trip = False
         hook_items, self._hook_items = self._hook_items, []
+        hooked = self._resolve_hooked(hook_items) if hook_items else []
         if recorded:
-            self._record(s, row, loss_v, skipped, hook_items)
+            self._record(s, row, loss_v, skipped, hooked)
         elif self.events:
             ok = self._cheap_check(loss_v) if self.check_finite else True
-            if not ok or hook_items or skipped:
+            if not ok or hooked or skipped:
                 grad_scale = self._grad_scale()
                 row["grad_scale"] = grad_scale
-                self._inspect(s, loss_v, hook_items, skipped, grad_scale)
+                self._inspect(s, loss_v, hooked, skipped, grad_scale)
                 trip = not ok
         if self._armed:
             self._disarm()
@@ -500,14 +502,32 @@ class Recorder:
         return forward_hook
 
     def _check_hooked(self, phase: str, layer: str, tensor: str, t: torch.Tensor) -> None:
-        """Check one hooked tensor; on CPU decide at once, elsewhere keep its norm for `step`."""
+        """Note one hooked tensor; it is checked at `step`, in one batch with the others.
+
+        The tensor's version counter is kept: if it is modified in place before `step`
+        (e.g. by ``ReLU(inplace=True)``), the values seen then are not the ones the hook
+        saw, so that (layer, tensor) is checked eagerly in the hook from then on.
+        """
         t = t.detach()
+        if (layer, tensor) not in self._eager:
+            self._hook_items.append((phase, layer, tensor, t, t._version, None))
+            return
         norm = torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _LOW else None)
-        if t.is_cpu:
-            if not math.isfinite(norm.item()):
-                self._hook_items.append((phase, layer, tensor, t, M.count_vector(t)))
-        else:
-            self._hook_items.append((phase, layer, tensor, t, norm))
+        if not math.isfinite(norm.item()):
+            self._hook_items.append((phase, layer, tensor, t, t._version, M.count_vector(t)))
+
+    def _resolve_hooked(self, items: list[tuple]) -> list[tuple]:
+        """The hooked tensors that held NaN/Inf: (phase, layer, tensor, t, count vector)."""
+        found = [(ph, ly, tn, t, cv) for ph, ly, tn, t, _, cv in items if cv is not None]
+        lazy = [it for it in items if it[5] is None]
+        for _, ly, tn, t, version, _ in lazy:
+            if t._version != version:  # changed in place after the hook: check eagerly later
+                self._eager.add((ly, tn))
+        norms = _norms([it[3] for it in lazy])
+        for (ph, ly, tn, t, _, _), n in zip(lazy, norms):
+            if not math.isfinite(n):
+                found.append((ph, ly, tn, t, M.count_vector(t)))
+        return found
 
     # ------------------------------------------------------------------ measurement
     def _grad_scale(self) -> float:
@@ -571,7 +591,7 @@ class Recorder:
         self,
         step: int,
         loss_v: Any,
-        hook_items: list[tuple],
+        hooked: list[tuple],
         skipped: bool,
         grad_scale: float,
         candidates: list[tuple[str, str, str, torch.Tensor]] | None = None,
@@ -586,12 +606,7 @@ class Recorder:
         for (phase, layer, tname, t), n in zip(candidates, norms):
             if not math.isfinite(n):
                 found.append((phase, layer, tname, t, M.count_vector(t)))
-        for phase, layer, tname, t, extra in hook_items:
-            if extra.numel() == 1:  # a norm kept on device: resolve now
-                if math.isfinite(float(extra)):
-                    continue
-                extra = M.count_vector(t)
-            found.append((phase, layer, tname, t, extra))
+        found.extend(hooked)
         if not found:
             return
         counts = torch.stack([f[4].to("cpu") for f in found]).tolist()
@@ -645,12 +660,13 @@ class Recorder:
         factors: list[tuple[str, str, Any, torch.Tensor]],
         *,
         full: bool = True,
-        state: bool = True,
+        state: bool | list[tuple] = True,
     ) -> list[tuple[str, str, str, torch.Tensor]]:
         """Tensors looked at (for events and norms), each with its phase, layer and name.
 
         Always the loss, gradients and the given factors; with ``full`` also parameters;
-        with ``state`` the generic optimizer state (optimizers without factors).
+        with ``state`` (True, or the items of `_state_items` already listed) the generic
+        optimizer state (optimizers without factors).
         """
         out: list[tuple[str, str, str, torch.Tensor]] = []
         if isinstance(loss_v, torch.Tensor):
@@ -667,21 +683,22 @@ class Recorder:
                     out.append(("parameter update", layer, short, p))
         for layer, fname, _, dense in factors:
             out.append(("preconditioner update", layer, fname, dense))
-        if state:
-            for layer, short, key, t, _ in self._state_items():
-                out.append(("preconditioner update", layer, f"{short}.{key}", t))
+        items = self._state_items() if state is True else (state or [])
+        for layer, short, key, t, _ in items:
+            out.append(("preconditioner update", layer, f"{short}.{key}", t))
         return out
 
     @torch.no_grad()
     def _record(
-        self, s: int, row: dict[str, Any], loss_v: Any, skipped: bool, hook_items: list[tuple]
+        self, s: int, row: dict[str, Any], loss_v: Any, skipped: bool, hooked: list[tuple]
     ) -> None:
         """Everything a recorded step measures."""
         grad_scale = self._grad_scale()
         row["grad_scale"] = grad_scale
         factors = self._factors()
+        state_items = self._state_items()
         cands = self._candidates(
-            loss_v, factors, full=self.events, state=self.events or self.spectra
+            loss_v, factors, full=self.events, state=state_items if self.events else []
         )
         before = self._before
         n_upd = 0
@@ -699,7 +716,7 @@ class Recorder:
         norms = all_norms[: len(cands)]
         upd_norms = all_norms[len(cands) :] if n_upd else []
         if self.events:
-            self._inspect(s, loss_v, hook_items, skipped, grad_scale, cands, norms)
+            self._inspect(s, loss_v, hooked, skipped, grad_scale, cands, norms)
         mrows = self._metrics
         # per-layer and total norms of gradients, parameters, updates; optimizer state norms
         sq: dict[str, dict[str, float]] = {"grad": {}, "param": {}, "update": {}}
@@ -754,10 +771,11 @@ class Recorder:
                 self._merge(self._factor_job(s, jobs))
         # generic optimizer state (AdamW & co): second-moment statistics
         if self.spectra:
-            for layer, short, key, t, eps in self._state_items():
-                if key in _SECOND_MOMENT_KEYS:
-                    for metric, v in M.second_moment_summary(t, eps).items():
-                        mrows.append((s, layer, f"{short}.{key}", metric, v))
+            moments = [it for it in state_items if it[2] in _SECOND_MOMENT_KEYS]
+            summaries = M.second_moment_summaries([(it[3], it[4]) for it in moments])
+            for (layer, short, key, _, _), summ in zip(moments, summaries):
+                for metric, v in summ.items():
+                    mrows.append((s, layer, f"{short}.{key}", metric, v))
         if self.memory:
             self._record_memory(s)
 

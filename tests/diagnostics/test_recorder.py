@@ -322,6 +322,25 @@ def test_inf_in_an_activation_gives_exactly_one_forward_event():
     assert rec.recording.events["shape"].item() == "(8, 5)"
 
 
+def test_activation_changed_in_place_later_is_checked_eagerly_from_the_next_recorded_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    poison_at = {1}
+
+    def poison(module, inputs, output):
+        if poison_at & {rec.current_step}:
+            out = output.clone()
+            out[2, 1] = float("-inf")  # the in-place ReLU then overwrites it with 0
+            return out
+        return None
+
+    model[0].register_forward_hook(poison)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 2)  # step 0 finds out that layer 0's output changes in place
+    assert _event_keys(rec) == [(1, "forward", "0", "output", 0, 0, 1)]
+
+
 def test_nan_in_an_output_gradient_is_a_backward_event():
     model = _mlp()
 
