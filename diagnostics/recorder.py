@@ -377,8 +377,8 @@ class Recorder:
                 )
             # on the CPU a float costs nothing; elsewhere keep the tensor (no host sync)
             loss_v: Any = loss.item() if loss.device.type == "cpu" else loss.detach()
-        elif loss is None:
-            loss_v = math.nan
+        elif loss is None:  # no loss given: NaN in the frame, but not a NaN event
+            loss_v = None
         elif isinstance(loss, (int, float)):
             loss_v = float(loss)
         else:
@@ -553,7 +553,7 @@ class Recorder:
                     total = float(total)
                 if not math.isfinite(total):
                     return False
-        return math.isfinite(float(loss_v))
+        return loss_v is None or math.isfinite(float(loss_v))
 
     def _state_items(self) -> list[tuple[str, str, str, torch.Tensor, float]]:
         """(layer, short, key, tensor, eps) of generic optimizer state (optimizers w/o factors)."""
@@ -671,7 +671,7 @@ class Recorder:
         out: list[tuple[str, str, str, torch.Tensor]] = []
         if isinstance(loss_v, torch.Tensor):
             out.append(("forward", MODEL, "loss", loss_v))
-        elif not math.isfinite(loss_v):
+        elif loss_v is not None and not math.isfinite(loss_v):
             out.append(("forward", MODEL, "loss", torch.tensor(loss_v, dtype=torch.float64)))
         for p, (layer, _), gname in zip(self._params, self._names, self._grad_names):
             g = p.grad

@@ -484,3 +484,16 @@ def test_kfac_factors_are_symmetric_spectra():
     assert "sv_min" not in set(r.metrics[r.metrics.layer == "0"]["metric"])
     conds = r.metric("cond", layer="0")["value"]
     assert len(conds) > 0 and (conds >= 1.0).all()
+
+
+def test_steps_without_a_loss_record_nan_and_raise_no_event():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=2)
+    _train(model, opt, None, 1)
+    for _ in range(3):
+        rec.step()
+    st = rec.recording.steps
+    assert st["loss"].isna().all() and st["loss"].dtype == "float64"
+    assert len(rec.recording.events) == 0
+    assert not rec._armed or rec.is_recorded(rec.current_step)
