@@ -22,12 +22,11 @@ import html
 import itertools
 import json
 import math
-import multiprocessing
 import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -391,8 +390,8 @@ def run_sweep(
             for a in args:
                 finish(_execute(*a, timeout))
         else:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            # threads suffice: each notebook runs in its own kernel process
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
                 futures: list[Future] = [pool.submit(_execute, *a, timeout) for a in args]
                 for fut in as_completed(futures):
                     finish(fut.result())

@@ -103,7 +103,7 @@ def test_sweep_of_half_precision_notebook_reports_bad_combination_and_feeds_note
         "record_every": [3],
         "min_accuracy": [0.0],
     }
-    summary = run_sweep(notebooks_dir / "03_half_precision_stability.ipynb", grid, sweep)
+    summary = run_sweep(notebooks_dir / "03_half_precision_stability.ipynb", grid, sweep, jobs=2)
     assert len(summary) == 4
     failed = summary[summary["status"] == "failed"]
     assert list(zip(failed["dtype"], failed["mode"])) == [("float16", "pure")]
