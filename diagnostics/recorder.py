@@ -322,7 +322,8 @@ class Recorder:
             "device": str(self._params[0].device) if self._params else "cpu",
         }
         self._last_end = time.perf_counter()
-        if self._schedule(0):
+        self._next_recorded = self._schedule(0)
+        if self._next_recorded:
             self._arm()
 
     # ------------------------------------------------------------------ public API
@@ -371,19 +372,26 @@ class Recorder:
         t0 = time.perf_counter()
         s = self._step
         if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
+            if loss.is_cpu:  # on the CPU a float costs nothing
+                try:
+                    loss_v: Any = loss.item()
+                except RuntimeError:
+                    loss_v = None
+                    if loss.numel() == 1:
+                        raise
+            else:  # elsewhere keep the tensor (no host sync)
+                loss_v = loss.detach() if loss.numel() == 1 else None
+            if loss_v is None:
                 raise ValueError(
                     f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
                 )
-            # on the CPU a float costs nothing; elsewhere keep the tensor (no host sync)
-            loss_v: Any = loss.item() if loss.device.type == "cpu" else loss.detach()
         elif loss is None:  # no loss given: NaN in the frame, but not a NaN event
             loss_v = None
         elif isinstance(loss, (int, float)):
             loss_v = float(loss)
         else:
             raise TypeError(f"loss must be a scalar tensor, a float or None, not {type(loss)}")
-        recorded = self._schedule(s)
+        recorded = self._next_recorded
         skipped = not self._stepped if self._pre_handle is not None else False
         self._stepped = False
         row: dict[str, Any] = {
@@ -416,7 +424,8 @@ class Recorder:
         self._steps.append(row)
         self._cache = None
         self._step += 1
-        if self._schedule(self._step) or (trip and self.events):
+        self._next_recorded = self._schedule(self._step)
+        if self._next_recorded or (trip and self.events):
             self._arm()
         t1 = time.perf_counter()
         row["record_time_s"] = t1 - t0
@@ -454,7 +463,7 @@ class Recorder:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Optimizer step pre-hook: note that a step happens; snapshot params if recorded."""
         self._stepped = True
-        if self._schedule(self._step):
+        if self._next_recorded:
             with torch.no_grad():
                 if self._flat:  # one copy of all parameters instead of one per tensor
                     self._before = [torch.cat([p.detach().reshape(-1) for p in self._params])]
