@@ -202,6 +202,10 @@ class Recording:
             "peak_memory_bytes": self.peak_memory_bytes(),
             "time_per_step_s": float(times.median()) if len(times) else math.nan,
         }
+        for col in st.columns:  # logged accuracy-like columns: their last value
+            if col not in COLUMNS["steps"] and "acc" in col.lower():
+                vals = st[col].dropna()
+                row[f"final_{col}"] = float(vals.iloc[-1]) if len(vals) else math.nan
         for key, value in self.summary.items():
             if isinstance(value, (int, float, str, bool)) or value is None:
                 row.setdefault(key, value)

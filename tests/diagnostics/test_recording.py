@@ -156,3 +156,8 @@ def test_summary_row_collects_final_loss_events_memory_and_summary_numbers():
 def test_frame_from_rows_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="kind"):
         empty_frame("frames")
+
+
+def test_summary_row_reports_the_last_logged_accuracy():
+    row = _sample().summary_row()
+    assert row["final_accuracy"] == 0.5
