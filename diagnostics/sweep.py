@@ -8,7 +8,8 @@ gets that folder as ``out_dir``; it may write ``results.json`` into it::
     {"runs": [{"label": "singd-bfloat16", "final_loss": 0.31, ..., "recording": "rec.pt"}]}
 
 (one entry per training run inside the notebook, scalar metrics plus an optional
-recording path relative to ``out_dir``). The sweep then writes ``OUT/summary.csv`` (one
+recording path relative to ``out_dir``; an optional ``"claims"`` dict of scalars becomes
+``claims.<name>`` columns of the summary). The sweep then writes ``OUT/summary.csv`` (one
 row per combination), ``OUT/runs.csv`` (one row per combination and inner run) and
 ``OUT/report.html`` (self-contained: table and comparison figures, plotly.js inlined).
 A failed combination is kept as a row with ``status == "failed"`` and its error; the
@@ -188,6 +189,11 @@ def _tables(out: Path, records: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.
                     continue
                 column = key if len(inner) == 1 else f"{entry['label']}.{key}"
                 row[column] = value
+        if rec["status"] == "ok":
+            claims = (_read_json(run_dir / RESULTS_FILE) or {}).get("claims", {})
+            for key, value in claims.items() if isinstance(claims, dict) else ():
+                if value is None or isinstance(value, (bool, int, float, str)):
+                    row.setdefault(f"claims.{key}", value)
         summary_rows.append(row)
     summary = pd.DataFrame(summary_rows)
     long = pd.DataFrame(long_rows)

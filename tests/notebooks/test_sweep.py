@@ -27,7 +27,8 @@ if mode == "bad":
 if out_dir:
     pathlib.Path(out_dir, "rec.txt").write_text(str(x))
     runs = [{"label": "only", "doubled": 2 * x, "recording": "rec.txt"}]
-    pathlib.Path(out_dir, "results.json").write_text(json.dumps({"runs": runs}))
+    claims = {"x_is_odd": x % 2 == 1}
+    pathlib.Path(out_dir, "results.json").write_text(json.dumps({"runs": runs, "claims": claims}))
 """
 
 
@@ -102,6 +103,7 @@ def test_sweep_continues_past_a_failed_run_and_reports_it(tiny_notebook: Path, t
     assert len(ok) == 2 and len(bad) == 2
     assert bad["error"].str.contains("deliberately bad combination").all()
     assert sorted(ok["doubled"]) == [2, 4]
+    assert list(ok.sort_values("x")["claims.x_is_odd"]) == [True, False]
     for _, row in summary.iterrows():
         assert Path(row["notebook"]).is_file()
     assert all(Path(p).read_text() in ("1", "2") for p in ok["recording"])
