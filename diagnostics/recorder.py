@@ -34,8 +34,15 @@ What it costs, by step kind:
 
 Optimizer state is read through the public view only: ``preconditioner_factors()`` and
 ``state_bytes()`` when present (SINGD, KFAC); otherwise ``optimizer.state`` (the public
-``torch.optim`` state, e.g. AdamW's ``exp_avg``/``exp_avg_sq``). Every quantity is computed
-on upcast copies; training numbers are never modified.
+``torch.optim`` state, e.g. AdamW's ``exp_avg``/``exp_avg_sq``). Everything is read-only:
+norms and counts are reductions over the tensors (16-bit ones accumulated in float32),
+spectra are computed on float64 copies; training numbers are never modified, and the
+hooks return nothing (they never replace an activation or a gradient).
+
+Memory: hooked activations and output gradients of a recorded step are referenced until
+`step` (the activations are kept by autograd anyway; the output gradients add about one
+activation's worth). Hooks are added and removed per recorded step, which makes a
+``torch.compile``d model see two hook configurations (two compiled variants).
 """
 
 from __future__ import annotations
@@ -235,7 +242,9 @@ class Recorder:
         self.scaler = scaler
         self.max_dim = max_dim
         self.power_iters = power_iters
-        self.max_events = int(max_events)
+        if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
+            raise ValueError(f"max_events must be an int >= 0, got {max_events!r}")
+        self.max_events = max_events
         if not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {workers!r}")
         self.workers = workers
@@ -403,6 +412,8 @@ class Recorder:
             "skipped": skipped,
         }
         for key, v in scalars.items():
+            if key in COLUMNS["steps"]:
+                raise ValueError(f"step: {key!r} is a built-in column; use another name")
             row[key] = float(v)
         trip = False
         hook_items, self._hook_items = self._hook_items, []
@@ -473,7 +484,6 @@ class Recorder:
     def _arm(self) -> None:
         """Install forward hooks (activations) and output-gradient hooks for one step."""
         if self._armed or not self.events or not self._hook_modules:
-            self._armed = self._armed or False
             return
         for name, mod in self._hook_modules:
             self._hook_handles.append(mod.register_forward_hook(self._make_forward_hook(name)))
