@@ -607,3 +607,19 @@ def test_sparse_factors_above_the_dense_gram_limit_store_no_dense_matrix():
     K = opt.preconditioner_factors()[""].factors["K"].matrix
     assert opt.state_bytes()[""]["K"] == K.numel() * 4 < d * d * 4 // 4
     assert opt.state_bytes()[""]["C"] == 2 * d * 4  # diagonal C plus its squared entries
+
+
+def test_add_param_group_after_construction_sets_up_its_layers():
+    model = mlp()
+    opt = SINGD(model, [*model[0].parameters()], **FAST)
+    assert set(opt.preconditioner_factors()) == {"0"}
+    with pytest.raises(ValueError, match="T must be"):
+        opt.add_param_group({"params": [*model[2].parameters()], "T": 0})
+    assert len(opt.param_groups) == 1 and no_hooks(model[2])
+    opt.add_param_group({"params": [*model[2].parameters(), *model[4].parameters()], "lr": 0.01})
+    assert set(opt.preconditioner_factors()) == {"0", "2", "4"}
+    before = flat(model)
+    train(model, opt, 2)
+    K = opt.preconditioner_factors()["4"].factors["K"].dense()
+    assert not torch.equal(K, torch.eye(9))
+    assert not torch.equal(flat(model), before)
