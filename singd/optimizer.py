@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,18 @@ class _Accumulator:
         return self.acc, factor * self.coef
 
 
+def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
+    """A function calling a bound method through a weak reference (no-op once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            target(*args)
+
+    return call
+
+
 def _materialize(S: StructuredMatrix, scale: float, dtype: torch.dtype) -> StructuredMatrix:
     """``scale * S`` in ``dtype`` (scaled in S's dtype first, which is fp32 for fp16 factors)."""
     if scale != 1.0:
@@ -301,9 +314,12 @@ class SINGD(Optimizer):
         #: else the sum (see :mod:`singd.distributed`); None: statistics stay rank-local.
         self.reduce_statistics: Callable[[list[Tensor], list[bool]], None] | None
         self.reduce_statistics = default_reducer(model)
+        # the hooks hold the optimizer weakly and disappear with it
         self._capture = Capture(
-            {name: st.layer.module for name, st in self._layers.items()}, self._on_backward
+            {name: st.layer.module for name, st in self._layers.items()},
+            _weak_callback(self._on_backward),
         )
+        weakref.finalize(self, self._capture.detach)
         self._ready = True
         self._sync_hooks()
 

@@ -623,3 +623,15 @@ def test_add_param_group_after_construction_sets_up_its_layers():
     K = opt.preconditioner_factors()["4"].factors["K"].dense()
     assert not torch.equal(K, torch.eye(9))
     assert not torch.equal(flat(model), before)
+
+
+def test_hooks_disappear_with_the_optimizer():
+    import gc
+
+    model = mlp()
+    opt = SINGD(model, **FAST)
+    train(model, opt, 1)
+    assert not no_hooks(model)
+    del opt
+    gc.collect()
+    assert no_hooks(model)
