@@ -228,9 +228,9 @@ class SINGD(Optimizer):
       scaled; SINGD divides them by the scale that ``scaler.step`` hands over (fp16 factors:
       rows are normalised to max |g| = 1 before they meet fp16, so nothing overflows). If you
       call ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (gradient clipping) the
-      scaler hands over no scale: the statistics are then divided by the last scale seen,
-      or ``init_grad_scale`` before any was seen, so set ``init_grad_scale`` to the
-      scaler's ``init_scale`` in that pattern.
+      scaler hands over no scale: the statistics are then divided by the group's
+      ``init_grad_scale`` (a warning says so), which you keep equal to
+      ``scaler.get_scale()`` in that pattern.
     * Data parallel: wrap the model in DDP before or after; SINGD hooks the inner module.
       With ``torch.distributed`` initialised (more than one rank) ``reduce_statistics`` is a
       :class:`singd.distributed.StatisticsReducer`: on update steps the statistics of all
@@ -310,6 +310,7 @@ class SINGD(Optimizer):
         self._step = 0
         self._last_scale: float | None = None
         self._warned_unfired: set[str] = set()
+        self._warned_unscale = False
         #: ``reduce(tensors, average)``: in place across ranks, the mean where ``average[i]``,
         #: else the sum (see :mod:`singd.distributed`); None: statistics stay rank-local.
         self.reduce_statistics: Callable[[list[Tensor], list[bool]], None] | None
@@ -500,8 +501,9 @@ class SINGD(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ step
-    def _scales(self) -> tuple[float, float, bool]:
-        """(divisor of the gradients, divisor of the statistics, skip this step)."""
+    def _scales(self) -> tuple[float, float | None, bool]:
+        """(divisor of the gradients, divisor of the statistics (None: each group's
+        init_grad_scale), skip this step)."""
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:  # no GradScaler involved
@@ -511,9 +513,20 @@ class SINGD(Optimizer):
             scale = float(grad_scale)
             self._last_scale = scale
             return scale, scale, skip
-        # the user called scaler.unscale_(opt): gradients are unscaled, statistics are not
-        stat = self._last_scale or self.param_groups[0]["init_grad_scale"]
-        return 1.0, stat, skip
+        # the user called scaler.unscale_(opt): gradients are unscaled, statistics are not,
+        # and the scaler hands over no scale: use each group's init_grad_scale (None here)
+        if not self._warned_unscale:
+            self._warned_unscale = True
+            warnings.warn(
+                "SINGD: scaler.unscale_(opt) ran before scaler.step(opt), so the loss scale of "
+                "the statistics is unknown; they are divided by each param group's "
+                "init_grad_scale. Keep it equal to the scaler's scale, e.g. `for g in "
+                "opt.param_groups: g['init_grad_scale'] = scaler.get_scale()` before "
+                "scaler.step(opt)",
+                UserWarning,
+                stacklevel=4,
+            )
+        return 1.0, None, skip
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -537,7 +550,7 @@ class SINGD(Optimizer):
         lr_cov = group["lr_cov"]
         return float(lr_cov(step)) if callable(lr_cov) else float(lr_cov)
 
-    def _update_preconditioners(self, step: int, stat_div: float) -> None:
+    def _update_preconditioners(self, step: int, stat_div: float | None) -> None:
         """Finalise the statistics, reduce them across ranks, update K and C."""
         todo: list[tuple[_LayerState, StructuredMatrix, StructuredMatrix]] = []
         scales: list[tuple[float, float]] = []
@@ -550,7 +563,8 @@ class SINGD(Optimizer):
             self._follow(st)
             n_total = st.acc_C.count if st.group["loss_average"] is not None else 1
             H_K, s_K = st.acc_K.value_and_scale(1.0 / st.acc_K.count)
-            H_C, s_C = st.acc_C.value_and_scale(n_total / (stat_div * stat_div))
+            div = st.group["init_grad_scale"] if stat_div is None else stat_div
+            H_C, s_C = st.acc_C.value_and_scale(n_total / (div * div))
             if H_K.dtype != st.K.dtype or self.reduce_statistics is not None:
                 H_K, s_K = _materialize(H_K, s_K, st.K.dtype), 1.0
             if H_C.dtype != st.C.dtype or self.reduce_statistics is not None:

@@ -635,3 +635,24 @@ def test_hooks_disappear_with_the_optimizer():
     del opt
     gc.collect()
     assert no_hooks(model)
+
+
+def test_unscale_before_step_uses_init_grad_scale_and_warns_once():
+    ref_model, model = mlp(), mlp()
+    train(ref_model, SINGD(ref_model, **FAST), 4)
+    opt = SINGD(model, **FAST)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(4):
+            X, y = batch(t)
+            opt.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(X), y)).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)  # the usual reason
+            for g in opt.param_groups:
+                g["init_grad_scale"] = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+    assert sum("unscale_" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(flat(model), flat(ref_model), rtol=1e-6, atol=1e-7)
