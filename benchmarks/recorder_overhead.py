@@ -3,9 +3,13 @@
 Workload: the digits MLP 64-128-128-10, batch 128, cross-entropy, on the CPU.
 Configurations (each against the same training loop without any recorder):
 
-- ``every10``: ``Recorder(every=10)`` with everything on (spectra, events, memory);
-- ``every10-nospectra``: ``Recorder(every=10, spectra=False)`` (events and memory on);
-- ``every10-nospectra-lossonly``: as above with ``check_finite="loss"``.
+- ``every10``: ``Recorder(every=10)``, the defaults: spectra, events (``check_finite="loss"``
+  on unrecorded steps), memory;
+- ``every10-nospectra``: ``spectra=False`` (events and memory on);
+- ``every10-nospectra-grads``: as above with ``check_finite="grads"``;
+- ``every10-events-only``: ``spectra=False, memory=False`` (norms and events only);
+- ``every10-worker``: as ``every10`` with ``workers=1`` (factor spectra on a second thread;
+  its CPU time is not the training thread's, so read this row with ``--clock wall``).
 
 Method: every configuration trains its own identically seeded model on the same batches,
 and all of them advance *together*, one step each, in an order rotated every step, so
@@ -37,7 +41,9 @@ CONFIGS: dict[str, dict | None] = {
     "none": None,
     "every10": {"every": 10},
     "every10-nospectra": {"every": 10, "spectra": False},
-    "every10-nospectra-lossonly": {"every": 10, "spectra": False, "check_finite": "loss"},
+    "every10-nospectra-grads": {"every": 10, "spectra": False, "check_finite": "grads"},
+    "every10-events-only": {"every": 10, "spectra": False, "memory": False},
+    "every10-worker": {"every": 10, "workers": 1},
 }
 
 
