@@ -181,7 +181,9 @@ class Recorder:
             recorded steps and skipped steps). Parameters, factors and state are checked
             on recorded steps and whenever the check trips.
         memory: record optimizer state bytes and peak process memory on recorded steps.
-        scaler: a ``torch.amp.GradScaler`` (gives the grad scale in events and steps).
+        scaler: a ``torch.amp.GradScaler``: its scale is read (``get_scale()``, at `step`,
+            i.e. after ``scaler.update()`` when that ran first) into events and recorded
+            steps. Skipped steps are found without it: ``optimizer.step()`` did not run.
         max_dim: factors larger than this get a power-iteration estimate of the extremes.
         power_iters: iterations of that estimate.
         name: run name (default: the optimizer's class name).
