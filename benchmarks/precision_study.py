@@ -142,8 +142,24 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
         state_components=_component_totals(res.state_bytes),
         upcasts=res.optimizer.upcast_count() if hasattr(res.optimizer, "upcast_count") else 0,
         layer_dims=_layer_dims(res.optimizer),
+        factor_bytes=_factor_bytes(res.optimizer),
     )
     return row
+
+
+def _factor_bytes(optimizer: Any) -> int:
+    """Bytes of the stored factors seen through ``preconditioner_factors()`` (SINGD: K, C,
+    m_K, m_C in their structures; KFAC: A, G, A_inv, G_inv), without caches and momenta."""
+    import torch
+
+    if not hasattr(optimizer, "preconditioner_factors"):
+        return 0
+    total = 0
+    for view in optimizer.preconditioner_factors().values():
+        for f in view.factors.values():
+            m = f.matrix
+            total += m.numel() * torch.empty((), dtype=m.dtype).element_size()
+    return total
 
 
 def _component_totals(state_bytes: dict[str, dict[str, int]]) -> dict[str, int]:
@@ -218,22 +234,11 @@ def stored_entries(structure: str, d: int) -> int:
     raise ValueError(f"no storage formula for structure {structure!r}")
 
 
-def gram_entries(structure: str, d: int) -> int:
-    """Entries of the cached Gram matrix F F^T that SINGD keeps when T > 1 (0: none)."""
-    if structure in ("tril", "triu"):
-        return d * d  # the Gram of a triangular factor is dense
-    if structure in ("dense", "diagonal") or structure.startswith("block"):
-        return stored_entries(structure, d)
-    return 0  # hierarchical and Toeplitz apply F and F^T directly
-
-
-def predicted_singd_entries(structure: str, dims: list[tuple[int, int]], T: int) -> int:
-    """K, C and the momenta m_K, m_C (alpha1 > 0), plus the Gram caches when T > 1."""
-    total = 0
-    for dk, dc in dims:
-        for d in (dk, dc):
-            total += 2 * stored_entries(structure, d) + (gram_entries(structure, d) if T > 1 else 0)
-    return total
+def predicted_singd_entries(structure: str, dims: list[tuple[int, int]]) -> int:
+    """K, C and their Riemannian momenta m_K, m_C (alpha1 > 0), in the structure."""
+    return sum(
+        2 * (stored_entries(structure, dk) + stored_entries(structure, dc)) for dk, dc in dims
+    )
 
 
 def predicted_kfac_entries(dims: list[tuple[int, int]]) -> int:
@@ -282,6 +287,7 @@ def aggregate(tuning: list[dict], seeds: list[dict]) -> list[dict[str, Any]]:
                     sum(b for c, b in r["state_components"].items() if c not in _FIRST_ORDER)
                     for r in runs
                 ),
+                "factor_bytes": max(r["factor_bytes"] for r in runs),
                 "peak_rss": max(r["peak_memory_bytes"] for r in runs),
                 "ms_per_step": 1e3 * statistics.fmean(r["time_per_step"] for r in runs),
                 "layer_dims": runs[0]["layer_dims"],
@@ -337,7 +343,7 @@ def target_check(summary: list[dict[str, Any]]) -> list[str]:
 
 
 def memory_check(summary: list[dict[str, Any]]) -> list[str]:
-    """Measured vs predicted preconditioner-state ratio KFAC (fp32 factors) / SINGD."""
+    """Measured vs predicted factor storage ratio KFAC (fp32 factors) / SINGD."""
     lines = []
     for w in WORKLOADS:
         for p in ("fp32", "bf16-pure"):
@@ -353,13 +359,14 @@ def memory_check(summary: list[dict[str, Any]]) -> list[str]:
                 if r is None:
                     continue
                 width = 2 if p == "bf16-pure" else 4
-                s_pred = predicted_singd_entries(s, dims, SINGD_FIXED["T"]) * width
+                s_pred = predicted_singd_entries(s, dims) * width
                 parts.append(
-                    f"{s} {kfac['precond_bytes'] / r['precond_bytes']:.1f}x "
-                    f"(predicted {k_pred / s_pred:.1f}x)"
+                    f"{s} {kfac['factor_bytes'] / r['factor_bytes']:.1f}x "
+                    f"(predicted {k_pred / s_pred:.1f}x; with caches "
+                    f"{kfac['precond_bytes'] / r['precond_bytes']:.1f}x)"
                 )
             lines.append(
-                f"- {w}, {p}: KFAC {_fmt_bytes(kfac['precond_bytes'])} "
+                f"- {w}, {p}: KFAC {_fmt_bytes(kfac['factor_bytes'])} "
                 f"(predicted {_fmt_bytes(k_pred)}); KFAC/SINGD: " + ", ".join(parts)
             )
     return lines
@@ -412,10 +419,13 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out += target_check(summary) or ["- (bf16-pure not run)"]
     out += [
         "",
-        "**Preconditioner state, KFAC (fp32 factors) / SINGD** (measured from "
-        "`state_bytes()` without momentum buffers; predicted from the storage formulas of "
-        "DESIGN section 2: KFAC 4 dense matrices per layer, SINGD K, C, m_K, m_C plus the "
-        f"Gram cache kept for T={SINGD_FIXED['T']} > 1 by dense/diagonal/block structures):",
+        "**Factor storage, KFAC (fp32 factors) / SINGD** (measured: the stored tensors behind "
+        "`preconditioner_factors()`, i.e. KFAC's A, G, A_inv, G_inv and SINGD's K, C, m_K, "
+        "m_C; predicted: the storage formulas of DESIGN section 2, KFAC 4 dense matrices per "
+        "layer, SINGD 2 structured matrices per factor. 'with caches': the same ratio from "
+        "`state_bytes()` without momentum buffers, where SINGD also counts the Gram caches "
+        "K K^T / C C^T it keeps between updates (T > 1), chosen by cost, dense for small "
+        "factors):",
         "",
     ]
     out += memory_check(summary)
