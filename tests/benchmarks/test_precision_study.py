@@ -72,3 +72,5 @@ def test_quick_mlp_study_runs_every_variant_and_precision_and_writes_its_section
     assert "KFAC/SINGD" in text and "Target" in text
     saved = json.loads(raw.read_text())
     assert {r["variant"] for r in saved["summary"]} == {v.label for v in variants}
+    again = study.main(["--from-json", str(raw), "--no-write"])
+    assert again["markdown"] == out["markdown"]
