@@ -31,7 +31,11 @@ _BODY = "recording.json"
 
 #: Columns (and dtypes) of each frame; a fresh recording has these even with zero rows.
 COLUMNS: dict[str, dict[str, str]] = {
-    # one row per training step the recorder saw; norms/lr only on recorded steps (else NaN)
+    # one row per training step the recorder saw. loss, lr (group 0), step_time_s (wall time
+    # from the end of the previous recorder.step to the start of this one: the training
+    # step without the recorder's own time; step 0: since the recorder was created),
+    # record_time_s (the recorder's own time) and skipped on every step; grad_norm,
+    # update_norm, param_norm and grad_scale on recorded steps (else NaN)
     "steps": {
         "step": "int64",
         "recorded": "bool",
@@ -151,6 +155,16 @@ class Recording:
     summary: dict[str, Any] = field(default_factory=dict)
 
     FRAMES = ("steps", "metrics", "spectra", "events", "memory")
+
+    def __repr__(self) -> str:
+        st = self.steps
+        return (
+            f"Recording(name={self.name!r}, steps={len(st)}, "
+            f"recorded={int(st['recorded'].sum()) if len(st) else 0}, "
+            f"metrics={len(self.metrics)}, spectra={len(self.spectra)}, "
+            f"events={len(self.events)}, memory={len(self.memory)}, "
+            f"summary={sorted(self.summary)})"
+        )
 
     # ------------------------------------------------------------------ convenience
     def layers(self) -> list[str]:
