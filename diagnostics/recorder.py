@@ -348,7 +348,11 @@ class Recorder:
         return self._schedule(step)
 
     def add_listener(self, fn: Listener) -> None:
-        """Call ``fn(recorder, step)`` after each recorded step (used by live dashboards)."""
+        """Call ``fn(recorder, step)`` after each recorded step, and once from `close`.
+
+        Used by live dashboards; in the call from `close`, ``recorder.closed`` is True and
+        ``step`` is the last step seen (-1 when there was none).
+        """
         if not callable(fn):
             raise TypeError("listener must be callable as fn(recorder, step)")
         self._listeners.append(fn)
@@ -464,7 +468,15 @@ class Recorder:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            for fn in list(self._listeners):
+                fn(self, self._step - 1)
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` ran (hooks removed; `step` refuses)."""
+        return self._closed
 
     def __enter__(self) -> Recorder:
         return self

@@ -219,7 +219,7 @@ def test_live_dashboard_redraws_after_each_recorded_step():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     opt = SINGD(model, lr=0.05, T=1)
     rec = Recorder(opt, model, every=2)
-    d = dashboard(rec, live=True)
+    d = dashboard(rec, live=True, min_interval=0.0)
     assert d.factor.options == ("(none)",)  # nothing recorded yet
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
     for _ in range(5):
@@ -236,6 +236,23 @@ def test_live_dashboard_redraws_after_each_recorded_step():
     rec.step(loss=1.0)
     rec.step(loss=1.0)
     assert d.step_slider.options == (0, 2, 4)
+
+
+def test_throttled_live_dashboard_still_shows_the_final_state_after_close():
+    import torch
+
+    from diagnostics import Recorder, dashboard
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(opt, model, every=1) as rec:
+        d = dashboard(rec, live=True, min_interval=3600.0)
+        for _ in range(4):
+            model(torch.ones(2, 3)).sum().backward()
+            opt.step()
+            rec.step(loss=1.0)
+        assert list(d.curves.data[0].x) == []  # throttled: nothing redrawn yet
+    assert list(d.curves.data[0].x) == [0, 1, 2, 3]  # close() redrew the final state
 
 
 def test_live_dashboard_needs_a_recorder():

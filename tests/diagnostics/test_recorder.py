@@ -197,7 +197,8 @@ def test_listeners_hear_each_recorded_step():
     with Recorder(opt, model, every=2) as rec:
         rec.add_listener(lambda r, s: heard.append((s, len(r.recording.steps))))
         _train(model, opt, rec, 5)
-    assert heard == [(0, 1), (2, 3), (4, 5)]
+    assert heard == [(0, 1), (2, 3), (4, 5), (4, 5)]  # the last call comes from close()
+    assert rec.closed
     with pytest.raises(RuntimeError, match="closed"):
         rec.step(loss=1.0)
 
