@@ -36,7 +36,8 @@ inverse. ``on_inverse_failure="raise"`` raises :class:`KFACInverseError` instead
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -65,6 +66,18 @@ _DTYPE_NAMES = {
     "float16": torch.float16,
 }
 _FACTORS = ("A", "G")
+
+
+def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
+    """Call a bound method through a weak reference (a no-op once its object is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            target(*args)
+
+    return call
 
 
 class KFACInverseError(RuntimeError):
@@ -237,9 +250,12 @@ class KFAC(Optimizer):
         self._step_count = 0
         self._last_scale = 1.0
         self._stats: dict[str, list[Tensor]] = {}
+        # The hooks reach the optimizer through a weak reference and are removed when it is
+        # collected, so a model outliving its KFAC does no statistics work for it.
         self._capture = Capture(
-            {n: lay.module for n, lay in self._layers.items()}, self._on_capture
+            {n: lay.module for n, lay in self._layers.items()}, _weak_method(self._on_capture)
         )
+        weakref.finalize(self, self._capture.detach)
         self._attach_capture()
 
     # ------------------------------------------------------------------ validation

@@ -284,3 +284,15 @@ def test_bad_models_params_and_closures_are_rejected():
     opt = KFAC(layer)
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
+
+
+def test_hooks_are_removed_when_the_optimizer_is_collected():
+    import gc
+
+    layer, x, y = _linear_problem()
+    opt = KFAC(layer, lr=0.01, damping=0.1)
+    assert layer._forward_hooks
+    del opt
+    gc.collect()
+    assert not layer._forward_hooks
+    layer(x).sum().backward()  # no stale hook runs
