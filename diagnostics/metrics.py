@@ -57,11 +57,6 @@ class NonfiniteCounts:
         return self.nan + self.posinf + self.neginf
 
 
-def _as_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A detached copy of ``t`` in ``dtype`` on the CPU-or-current device (never a view)."""
-    return t.detach().to(dtype=dtype, copy=True)
-
-
 def _condition(eig_max: float, eig_min: float) -> float:
     """Condition number of a positive semi-definite matrix; ``inf`` when it is singular."""
     if not (math.isfinite(eig_max) and math.isfinite(eig_min)):
@@ -102,6 +97,35 @@ def _power_extremes(
     return lam_max, max(lam_max - gap, 0.0)
 
 
+def factor_parts(matrix: object) -> tuple[str, list[torch.Tensor]]:
+    """The tensors holding a factor's entries, read without building a dense copy.
+
+    Returns ``(kind, tensors)``: ``("diagonal", [diag])`` for ``singd.structures.Diagonal``,
+    ``("blocks", [blocks, last])`` for a ``BlockDiagonal`` (full ``(nb, N, N)`` blocks and
+    the ``(r, r)`` last block), ``("dense", [mat])`` for ``Dense`` and for plain tensors,
+    and ``("dense", [matrix.to_dense()])`` for any other structure (triangular, Toeplitz,
+    hierarchical). Only these documented attributes of ``singd.structures`` are used.
+    The tensors may be the optimizer's own storage: read them, never write. Their
+    Frobenius norm is the matrix's, and they hold a NaN/Inf exactly when the matrix does.
+    """
+    from singd.structures import BlockDiagonal, Dense, Diagonal
+
+    if isinstance(matrix, torch.Tensor):
+        return "dense", [matrix.detach()]
+    if isinstance(matrix, Diagonal):
+        return "diagonal", [matrix.diag.detach()]
+    if isinstance(matrix, BlockDiagonal):
+        return "blocks", [matrix.blocks.detach(), matrix.last.detach()]
+    if isinstance(matrix, Dense):
+        return "dense", [matrix.mat.detach()]
+    to_dense = getattr(matrix, "to_dense", None)
+    if not callable(to_dense):
+        raise TypeError(
+            f"matrix must be a torch.Tensor or a structured matrix, got {type(matrix).__name__}"
+        )
+    return "dense", [to_dense().detach()]
+
+
 def summarize_factor(
     view: FactorView,
     *,
@@ -112,19 +136,18 @@ def summarize_factor(
 ) -> FactorSummary:
     """Spectrum and scalar metrics of one preconditioner factor (computed on an upcast copy).
 
-    See `summarize_matrix` for the metrics; this reads the factor through its view.
+    See `summarize_matrix` for the metrics; this reads the factor through its view,
+    structure-aware (see `summarize_factors`).
     """
     if not isinstance(view, FactorView):
         raise TypeError(f"view must be a singd.views.FactorView, got {type(view).__name__}")
-    return summarize_matrix(
-        view.dense(),
-        view.role,
-        view.structure,
+    return summarize_factors(
+        [(view.matrix, view.role, view.structure)],
         max_dim=max_dim,
         power_iters=power_iters,
         spectrum=spectrum,
         compute_dtype=compute_dtype,
-    )
+    )[0]
 
 
 def summarize_matrix(
@@ -146,74 +169,200 @@ def summarize_matrix(
     ``spectrum=False`` only cheap metrics (trace, norms) are computed.
 
     The spectrum is computed in ``compute_dtype`` (float64 by default) on a copy: for
-    ``"root"`` as the eigenvalues of ``M M^T`` by a symmetric eigensolver (about 3x faster
-    than an SVD on near-identity factors; absolute accuracy about ``1e-16 * eig_max``, so
-    condition numbers up to about ``1e13`` are resolved), for ``"symmetric"`` of
-    ``(M + M^T) / 2``; diagonal factors need no decomposition. Factors with a dimension
-    above ``max_dim`` get an *estimate* of the extremes only (power iteration on ``A`` and
-    on ``eig_max * I - A``, ``power_iters`` steps each; `FactorSummary.estimated` is True).
+    ``"root"`` as the eigenvalues of ``M M^T`` by a symmetric eigensolver (about 1.6x
+    faster than ``svdvals`` here, also in float32; absolute accuracy about
+    ``1e-16 * eig_max``, so condition numbers up to about ``1e13`` are resolved), for
+    ``"symmetric"`` of ``(M + M^T) / 2``; diagonal factors need no decomposition. Factors
+    with a dimension above ``max_dim`` get an *estimate* of the extremes only (power
+    iteration on ``A`` and on ``eig_max * I - A``, ``power_iters`` steps each;
+    `FactorSummary.estimated` is True).
     """
-    if role not in ("root", "symmetric", "momentum"):
-        raise ValueError(f"role must be 'root', 'symmetric' or 'momentum', got {role!r}")
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
         raise TypeError("matrix must be a 2-d torch.Tensor")
-    m = _as_float(matrix, compute_dtype)
-    finite = bool(torch.isfinite(m).all())
-    empty = np.zeros(0, dtype=np.float64)
+    if role in ("root", "symmetric") and structure != "diagonal" and _is_diagonal(matrix):
+        structure = "diagonal"
+    return summarize_factors(
+        [(matrix, role, structure)],
+        max_dim=max_dim,
+        power_iters=power_iters,
+        spectrum=spectrum,
+        compute_dtype=compute_dtype,
+    )[0]
+
+
+def summarize_factors(
+    items: list[tuple[object, str, str]],
+    *,
+    max_dim: int = DEFAULT_MAX_DIM,
+    power_iters: int = DEFAULT_POWER_ITERS,
+    spectrum: bool = True,
+    compute_dtype: torch.dtype = torch.float64,
+) -> list[FactorSummary]:
+    """`summarize_matrix` of many factors at once, structure-aware and batched.
+
+    ``items``: ``(matrix, role, structure)`` with ``matrix`` a 2-d tensor or a
+    ``singd.structures`` matrix. Norms and finiteness of all factors are read with one
+    host sync; a diagonal factor's eigenvalues are its squared (``"root"``) entries, no
+    decomposition; a block-diagonal factor is decomposed block by block; all square
+    blocks of the same size (dense factors of the same dimension across layers, the full
+    blocks of block-diagonal factors) go through ONE batched product and ONE batched
+    ``eigvalsh``. Other structures go through their dense form. Inputs are never written.
+    """
+    n = len(items)
+    prepared: list[tuple[str, str, str, list[torch.Tensor], int]] = []
+    for matrix, role, structure in items:
+        if role not in ("root", "symmetric", "momentum"):
+            raise ValueError(f"role must be 'root', 'symmetric' or 'momentum', got {role!r}")
+        if isinstance(matrix, torch.Tensor) and matrix.dim() != 2:
+            raise TypeError("matrix must be a 2-d torch.Tensor")
+        kind, parts = factor_parts(matrix)
+        if kind == "dense" and structure == "diagonal" and role != "momentum":
+            kind = "dense-diagonal"  # a dense tensor said to be diagonal: use its diagonal
+        if role != "momentum" and spectrum:  # upcast only what gets decomposed
+            parts = [p.to(compute_dtype) for p in parts]  # new tensors only if upcast
+        dim = int(matrix.shape[0]) if isinstance(matrix, torch.Tensor) else int(matrix.dim)
+        prepared.append((role, structure, kind, parts, dim))
+    if not n:
+        return []
+    # one host sync: Frobenius norms, diagonal sums (symmetric), absmax (momentum)
+    flat = [p for it in prepared for p in it[3]]
+    norms = _norms64(flat)
+    stats: list[torch.Tensor] = []
+    k = 0
+    for role, _, kind, parts, _ in prepared:
+        sq = sum(norms[k + j].square() for j in range(len(parts)))
+        k += len(parts)
+        if role == "symmetric":
+            extra = sum(_diag_sum(p, kind).double() for p in parts)
+        elif role == "momentum":
+            extra = max((p.abs().max().double() for p in parts if p.numel()), default=_zero(parts))
+        else:
+            extra = sq
+        stats.append(torch.stack([sq.reshape(()), torch.as_tensor(extra).reshape(()).to(sq)]))
+    values = torch.stack([s.to(stats[0].device) for s in stats]).tolist()
     nan = math.nan
-    if role == "momentum":
-        metrics = {
-            "norm_fro": float(m.norm()) if finite else nan,
-            "norm_max": float(m.abs().max()) if (finite and m.numel()) else nan,
-        }
-        return FactorSummary(empty, metrics)
-    if role == "root":
-        metrics = {"trace": float((m * m).sum()) if finite else nan}
-        metrics["norm_fro"] = math.sqrt(metrics["trace"]) if finite else nan
-    else:
-        metrics = {"trace": float(torch.diagonal(m).sum()) if finite else nan}
-        metrics["norm_fro"] = float(m.norm()) if finite else nan
-    if not spectrum:
-        return FactorSummary(empty, metrics)
-    keys = ["eig_min", "eig_max", "cond"] + (["sv_min", "sv_max"] if role == "root" else [])
-    if not finite or m.numel() == 0:
-        metrics.update(dict.fromkeys(keys, nan))
-        return FactorSummary(empty, metrics)
-    dim = m.shape[0]
-    estimated = False
-    if structure == "diagonal" or _is_diagonal(m):
-        d = torch.diagonal(m)
-        eig = d * d if role == "root" else d
-        eig = torch.sort(eig, descending=True).values
-    elif dim <= max_dim:
+    empty = np.zeros(0, dtype=np.float64)
+    out: list[FactorSummary | None] = [None] * n
+    metrics_all: list[dict[str, float]] = []
+    todo: list[int] = []
+    for i, ((role, _, _, _, dim), (sq, extra)) in enumerate(zip(prepared, values)):
+        finite = math.isfinite(sq)
+        if role == "momentum":
+            metrics = {
+                "norm_fro": math.sqrt(sq) if finite else nan,
+                "norm_max": extra if (finite and dim) else nan,
+            }
+            out[i] = FactorSummary(empty, metrics)
+            metrics_all.append(metrics)
+            continue
+        trace = sq if role == "root" else extra
+        metrics = {"trace": trace if finite else nan, "norm_fro": math.sqrt(sq) if finite else nan}
+        metrics_all.append(metrics)
+        if not spectrum:
+            out[i] = FactorSummary(empty, metrics)
+            continue
+        keys = ["eig_min", "eig_max", "cond"] + (["sv_min", "sv_max"] if role == "root" else [])
+        if not finite or dim == 0:
+            metrics.update(dict.fromkeys(keys, nan))
+            out[i] = FactorSummary(empty, metrics)
+            continue
+        todo.append(i)
+    # spectra: diagonal pieces directly, square blocks grouped by (size, role)
+    pieces: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
+    groups: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
+    estimated: dict[int, torch.Tensor] = {}
+    for i in todo:
+        role, _, kind, parts, dim = prepared[i]
+        if kind in ("diagonal", "dense-diagonal"):
+            d = parts[0] if kind == "diagonal" else torch.diagonal(parts[0])
+            pieces[i].append(d * d if role == "root" else d)
+            continue
+        if kind == "dense" and dim > max_dim:
+            estimated[i] = _estimate(parts[0], role, power_iters)
+            continue
+        batches = [parts[0].unsqueeze(0)] if kind == "dense" else [parts[0], parts[1][None]]
+        for b in batches:
+            if b.shape[0] and b.shape[-1]:
+                groups.setdefault((b.shape[-1], role), []).append((i, b))
+    for (_, role), members in groups.items():
+        stack = torch.cat([b for _, b in members]) if len(members) > 1 else members[0][1]
         if role == "root":
-            eig = torch.linalg.eigvalsh(m @ m.T).flip(0).clamp_min(0.0)
+            sym = stack @ stack.mT
         else:
-            eig = torch.linalg.eigvalsh((m + m.T) / 2).flip(0)
-    else:
-        estimated = True
+            sym = (stack + stack.mT) / 2
+        eig = torch.linalg.eigvalsh(sym)
+        start = 0
+        for i, b in members:
+            pieces[i].append(eig[start : start + b.shape[0]].reshape(-1))
+            start += b.shape[0]
+    for i in todo:
+        role = prepared[i][0]
+        metrics = metrics_all[i]
+        if i in estimated:
+            eig = estimated[i]
+        else:
+            parts_i = pieces[i]
+            eig = torch.cat(parts_i) if len(parts_i) > 1 else parts_i[0]
+            eig = torch.sort(eig, descending=True).values
+            if role == "root":
+                eig = eig.clamp_min(0.0)
+        eig_np = eig.detach().to("cpu", torch.float64).numpy().copy()
+        eig_max, eig_min = float(eig_np[0]), float(eig_np[-1])
+        metrics["eig_min"] = eig_min
+        metrics["eig_max"] = eig_max
+        metrics["cond"] = _condition(eig_max, eig_min)
         if role == "root":
+            metrics["sv_max"] = math.sqrt(max(eig_max, 0.0))
+            metrics["sv_min"] = math.sqrt(max(eig_min, 0.0))
+        out[i] = FactorSummary(eig_np, metrics, i in estimated)
+    return out  # type: ignore[return-value]
 
-            def matvec(v: torch.Tensor) -> torch.Tensor:
-                return m @ (m.T @ v)
 
-        else:
-            sym = (m + m.T) / 2
+def _norms64(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Frobenius norms accumulated in float64 (no upcast copies), one fused call per dtype."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for idx in by_dtype.values():
+        group = [tensors[i] for i in idx]
+        try:
+            res = torch._foreach_norm(group, 2, dtype=torch.float64)
+        except (RuntimeError, TypeError):  # pragma: no cover - unusual dtypes / old torch
+            res = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in group]
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out  # type: ignore[return-value]
 
-            def matvec(v: torch.Tensor) -> torch.Tensor:
-                return sym @ v
 
-        hi, lo = _power_extremes(matvec, dim, compute_dtype, m.device, power_iters)
-        eig = torch.tensor([hi, lo], dtype=torch.float64)
-    eig_np = eig.detach().to("cpu", torch.float64).numpy().copy()
-    eig_max, eig_min = float(eig_np[0]), float(eig_np[-1])
-    metrics["eig_min"] = eig_min
-    metrics["eig_max"] = eig_max
-    metrics["cond"] = _condition(eig_max, eig_min)
+def _zero(parts: list[torch.Tensor]) -> torch.Tensor:
+    """A float64 zero on the parts' device."""
+    dev = parts[0].device if parts else "cpu"
+    return torch.zeros((), dtype=torch.float64, device=dev)
+
+
+def _diag_sum(part: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sum of the diagonal entries a stored tensor contributes to its matrix."""
+    if kind == "diagonal" or part.dim() == 1:
+        return part.sum()
+    return torch.diagonal(part, dim1=-2, dim2=-1).sum()
+
+
+def _estimate(m: torch.Tensor, role: str, power_iters: int) -> torch.Tensor:
+    """``[max, min]`` eigenvalue estimate of ``M M^T`` (root) or ``(M + M^T) / 2``."""
     if role == "root":
-        metrics["sv_max"] = math.sqrt(max(eig_max, 0.0))
-        metrics["sv_min"] = math.sqrt(max(eig_min, 0.0))
-    return FactorSummary(eig_np, metrics, estimated)
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            return m @ (m.T @ v)
+
+    else:
+        sym = (m + m.T) / 2
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            return sym @ v
+
+    hi, lo = _power_extremes(matvec, m.shape[0], m.dtype, m.device, power_iters)
+    return torch.tensor([hi, lo], dtype=torch.float64)
 
 
 def _is_diagonal(m: torch.Tensor) -> bool:

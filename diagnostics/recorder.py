@@ -607,17 +607,18 @@ class Recorder:
                         out.append((layer, short, str(key), v, eps))
         return out
 
-    def _factors(self) -> list[tuple[str, str, Any, torch.Tensor]]:
-        """(layer, factor, view, dense matrix) from ``preconditioner_factors()``, if offered."""
+    def _factors(self) -> list[tuple[str, str, Any, list[torch.Tensor]]]:
+        """(layer, factor, view, stored tensors) from ``preconditioner_factors()``, if offered.
+
+        The tensors come from `metrics.factor_parts` (no dense copy for dense, diagonal and
+        block-diagonal structures); they may be the optimizer's storage and are only read.
+        """
         if not self._has_factors:
             return []
         out = []
         for layer, lf in self.optimizer.preconditioner_factors().items():
             for fname, view in lf.factors.items():
-                m = view.matrix
-                # read-only: to_dense() may share storage with the optimizer; never written
-                dense = (m if isinstance(m, torch.Tensor) else m.to_dense()).detach()
-                out.append((str(layer), str(fname), view, dense))
+                out.append((str(layer), str(fname), view, M.factor_parts(view.matrix)[1]))
         return out
 
     def _inspect(
@@ -714,8 +715,9 @@ class Recorder:
             for p, (layer, short) in zip(self._params, self._names):
                 if p.is_floating_point():
                     out.append(("parameter update", layer, short, p))
-        for layer, fname, _, dense in factors:
-            out.append(("preconditioner update", layer, fname, dense))
+        for layer, fname, _, parts in factors:
+            for t in parts:  # several stored tensors of one factor merge into one event
+                out.append(("preconditioner update", layer, fname, t))
         items = self._state_items() if state is True else (state or [])
         for layer, short, key, t, _ in items:
             out.append(("preconditioner update", layer, f"{short}.{key}", t))
@@ -777,24 +779,29 @@ class Recorder:
                 mrows.append((s, f"group{i}", "optimizer", "lr", float(g["lr"])))
         # factors (SINGD / KFAC): spectra on the worker thread when there is one
         if factors and not self.spectra:  # cheap metrics straight from the norms above
-            fnorm = {
-                (c[1], c[2]): n
-                for c, n in zip(cands, norms)
-                if c[0] == "preconditioner update" and "." not in c[2]
-            }
-            for layer, fname, view, dense in factors:
-                n = fnorm[(layer, fname)]
+            fsq: dict[tuple[str, str], float] = {}
+            for c, n in zip(cands, norms):
+                if c[0] == "preconditioner update" and "." not in c[2]:
+                    fsq[(c[1], c[2])] = fsq.get((c[1], c[2]), 0.0) + n * n
+            sym = []
+            for layer, fname, view, parts in factors:
+                n = math.sqrt(fsq[(layer, fname)])
                 mrows.append((s, layer, fname, "norm_fro", n))
                 if view.role == "root":
                     mrows.append((s, layer, fname, "trace", n * n))
                 elif view.role == "symmetric":
-                    tr = float(torch.diagonal(dense).sum(dtype=torch.float64))
-                    mrows.append((s, layer, fname, "trace", tr))
+                    sym.append((layer, fname, parts))
+            if sym:  # KFAC: traces, one host sync
+                traces = torch.stack(
+                    [sum(M._diag_sum(p.double(), "") for p in parts) for _, _, parts in sym]
+                ).tolist()
+                for (layer, fname, _), tr in zip(sym, traces):
+                    mrows.append((s, layer, fname, "trace", float(tr)))
         elif factors:
             copy = self.workers > 0  # the optimizer changes its factors while a worker reads
             jobs = [
-                (layer, fname, v.role, v.structure, dense.clone() if copy else dense)
-                for layer, fname, v, dense in factors
+                (layer, fname, v.role, v.structure, v.matrix.clone() if copy else v.matrix)
+                for layer, fname, v, _ in factors
             ]
             if self.workers:
                 if self._pool is None:
@@ -817,25 +824,23 @@ class Recorder:
         rows: list[tuple] = []
         sp: dict[str, list] = {k: [] for k in ("step", "layer", "factor", "index", "value")}
         with torch.no_grad():
-            for layer, fname, role, structure, dense in jobs:
-                summ = M.summarize_matrix(
-                    dense,
-                    role,
-                    structure,
-                    max_dim=self.max_dim,
-                    power_iters=self.power_iters,
-                    spectrum=self.spectra,
-                )
-                for metric, v in summ.metrics.items():
-                    rows.append((s, layer, fname, metric, v))
-                n = summ.eigenvalues.size
-                if n:
-                    rows.append((s, layer, fname, "spectrum_estimated", float(summ.estimated)))
-                    sp["step"].extend([s] * n)
-                    sp["layer"].extend([layer] * n)
-                    sp["factor"].extend([fname] * n)
-                    sp["index"].extend(range(n))
-                    sp["value"].extend(summ.eigenvalues.tolist())
+            summaries = M.summarize_factors(
+                [(matrix, role, structure) for _, _, role, structure, matrix in jobs],
+                max_dim=self.max_dim,
+                power_iters=self.power_iters,
+                spectrum=self.spectra,
+            )
+        for (layer, fname, *_), summ in zip(jobs, summaries):
+            for metric, v in summ.metrics.items():
+                rows.append((s, layer, fname, metric, v))
+            n = summ.eigenvalues.size
+            if n:
+                rows.append((s, layer, fname, "spectrum_estimated", float(summ.estimated)))
+                sp["step"].extend([s] * n)
+                sp["layer"].extend([layer] * n)
+                sp["factor"].extend([fname] * n)
+                sp["index"].extend(range(n))
+                sp["value"].extend(summ.eigenvalues.tolist())
         return rows, sp
 
     def _merge(self, result: tuple[list[tuple], dict[str, list]]) -> None:

@@ -180,3 +180,47 @@ def test_peak_rss_reset_lowers_the_high_water_mark_after_a_freed_allocation():
     del big
     M.reset_peak_rss()
     assert M.read_peak_rss() < high
+
+
+def test_structured_factors_give_the_spectrum_of_their_dense_form():
+    from singd.structures import structure
+
+    g = torch.Generator().manual_seed(7)
+    dense = torch.randn(7, 7, generator=g, dtype=torch.float64) + 3 * torch.eye(7)
+    mats = [structure(n).from_dense(dense) for n in ("dense", "diagonal", "block3diagonal", "tril")]
+    summs = M.summarize_factors([(m, "root", m.name) for m in mats])
+    for m, summ in zip(mats, summs):
+        ref = M.summarize_matrix(m.to_dense(), "root", "dense")
+        assert summ.eigenvalues == pytest.approx(ref.eigenvalues.tolist(), rel=1e-9, abs=1e-12)
+        assert summ.metrics["trace"] == pytest.approx(ref.metrics["trace"], rel=1e-12)
+        assert summ.metrics["cond"] == pytest.approx(ref.metrics["cond"], rel=1e-9)
+
+
+def test_batched_summaries_equal_one_by_one_and_leave_inputs_untouched():
+    ks = [
+        _with_singular_values(s, seed=i).float() for i, s in enumerate([[4.0, 1, 0.5], [2.0, 2, 1]])
+    ]
+    sym = _orthogonal(3, 9) @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    sym = sym @ _orthogonal(3, 9).T
+    items = [(ks[0], "root", "dense"), (sym, "symmetric", "dense"), (ks[1], "root", "dense")]
+    before = [k.clone() for k in ks]
+    batched = M.summarize_factors(items)
+    for (m, role, st), b in zip(items, batched):
+        one = M.summarize_matrix(m, role, st)
+        assert b.eigenvalues == pytest.approx(one.eigenvalues.tolist(), rel=1e-12)
+    assert batched[0].eigenvalues == pytest.approx([16.0, 1.0, 0.25], rel=1e-5)
+    assert batched[1].eigenvalues == pytest.approx([3.0, 2.0, 1.0], rel=1e-9)
+    assert all(torch.equal(k, b) for k, b in zip(ks, before))
+
+
+def test_factor_parts_reads_stored_tensors_without_a_dense_copy():
+    from singd.structures import structure
+
+    d = structure("diagonal").from_dense(torch.diag(torch.tensor([1.0, -2.0])))
+    kind, parts = M.factor_parts(d)
+    assert kind == "diagonal" and parts[0].data_ptr() == d.diag.data_ptr()
+    b = structure("block2diagonal").from_dense(torch.eye(5))
+    kind, parts = M.factor_parts(b)
+    assert kind == "blocks" and [tuple(p.shape) for p in parts] == [(2, 2, 2), (1, 1)]
+    with pytest.raises(TypeError, match="structured matrix"):
+        M.factor_parts([[1.0]])
