@@ -29,7 +29,7 @@ from singd.capture import (
     unwrap_model,
 )
 from singd.distributed import default_reducer
-from singd.structures import FORMS, StructuredMatrix, structure
+from singd.structures import FORMS, BlockDiagonal, StructuredMatrix, structure
 from singd.update import (
     Gram,
     gram,
@@ -626,13 +626,16 @@ class SINGD(Optimizer):
 
     @staticmethod
     def _refresh_grams(st: _LayerState) -> None:
-        """Recompute the cached ``K K^T``, ``C C^T`` (T > 1 only; None where not worth it)."""
+        """Recompute the cached ``K K^T``, ``C C^T`` where worth it: with T > 1 by the cost
+        rule of :func:`singd.update.gram`; with T = 1 only for block-diagonal factors (one
+        batched product, then two block products per step instead of four)."""
         T = st.group["T"]
         if T > 1:
             st.gram_K = gram(st.K, st.C.dim, T)
             st.gram_C = gram(st.C, st.K.dim, T)
         else:
-            st.gram_K = st.gram_C = None
+            st.gram_K = gram(st.K) if isinstance(st.K, BlockDiagonal) else None
+            st.gram_C = gram(st.C) if isinstance(st.C, BlockDiagonal) else None
 
     def _check_unfired(self, name: str, st: _LayerState) -> None:
         """Warn once about a layer with gradients whose hooks never saw a forward pass."""
