@@ -252,6 +252,7 @@ class Recording:
                         zf.writestr(member, data)
                 raw.flush()
                 os.fsync(raw.fileno())
+            os.chmod(tmp, file_mode())  # mkstemp makes 0600; a saved file is a normal file
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -287,6 +288,25 @@ class Recording:
         except (KeyError, TypeError, json.JSONDecodeError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{str(path)!r} is a damaged singd-lab recording ({err!r})") from err
         return cls(name=body["name"], meta=body["meta"], summary=body["summary"], **frames)
+
+
+def file_mode() -> int:
+    """Permission bits of a newly created regular file under the current umask (0644 under 022).
+
+    Files made by ``tempfile.mkstemp`` (for atomic writes) are 0600; written files get this.
+    Reads the umask from ``/proc/self/status`` where possible (setting it to read it back
+    is not thread-safe).
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _json_ready(obj: Any, what: str) -> Any:

@@ -20,18 +20,43 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from diagnostics.figures import _human_bytes, all_figures, as_recordings
-from diagnostics.recording import Recording
+from diagnostics.recording import Recording, file_mode
 
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
-       max-width: 1200px; color: #222; padding: 0 1em; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em;
+       color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; }
-table.summary { border-collapse: collapse; font-size: 0.9em; }
-table.summary th, table.summary td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+.figure { width: 100%; }
+.figure .plotly-graph-div { width: 100% !important; }
+.table-wrap { max-width: 100%; overflow-x: auto; }
+table.summary { border-collapse: collapse; font-size: 0.85em; }
+table.summary th, table.summary td { border: 1px solid #ccc; padding: 3px 6px; text-align: right;
+       vertical-align: top; }
+table.summary th { white-space: normal; max-width: 9em; }
+table.summary td { white-space: nowrap; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
+table.summary td.text { white-space: normal; text-align: left; min-width: 12em;
+       max-width: 32em; overflow-wrap: anywhere; }
 table.summary thead th { background: #f0f0f0; }
 .note { color: #666; font-size: 0.85em; }
 """
+
+#: Columns shown first in the summary table, in this order (the rest follow).
+FIRST_COLUMNS = (
+    "run",
+    "test_accuracy",
+    "final_loss",
+    "nan_inf_events",
+    "optimizer_state_bytes",
+    "peak_memory_bytes",
+    "time_per_step_s",
+    "status",
+    "why",
+)
+#: Columns left out of the summary table: they repeat one of the columns above.
+_REPEATS = ("nan_events", "time_per_step", "error")
+#: Columns with free text: wrapped instead of widening the table.
+_TEXT_COLUMNS = ("why", "config", "versions")
 
 _TITLES = {
     "curves": "Loss and accuracy",
@@ -43,17 +68,38 @@ _TITLES = {
 
 
 def summary_table(recordings: Any) -> pd.DataFrame:
-    """One row per run: final/min loss, summary numbers (e.g. test accuracy), NaN/Inf
-    events, skipped steps, optimizer state bytes, peak memory and median time per step."""
+    """One row per run: test accuracy, final/min loss, NaN/Inf events, optimizer state bytes,
+    peak memory, median time per step, status and why (the error of a run that gave up),
+    then the other summary numbers; the most useful columns first (`FIRST_COLUMNS`)."""
     recs = as_recordings(recordings)
-    return pd.DataFrame([r.summary_row() for r in recs])
+    rows = []
+    for r in recs:
+        row = r.summary_row()
+        summ = r.summary
+        why = summ.get("why") or summ.get("error") or ""
+        if isinstance(summ.get("status"), str):
+            status = summ["status"]
+        elif summ.get("error"):
+            status = "failed"
+        elif summ.get("diverged"):
+            status = "diverged"
+        elif summ.get("stopped_early"):
+            status = "stopped early"
+        else:
+            status = "ok"
+        row["status"], row["why"] = status, str(why)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    first = [c for c in FIRST_COLUMNS if c in df.columns]
+    rest = [c for c in df.columns if c not in first and c not in _REPEATS]
+    return df[first + rest]
 
 
 def _format_table(df: pd.DataFrame) -> str:
-    """The summary table as escaped HTML with readable units."""
+    """The summary table as escaped HTML with readable units, in a scrolling container."""
     shown = df.copy()
-    for col in ("optimizer_state_bytes", "peak_memory_bytes"):
-        if col in shown:
+    for col in shown.columns:
+        if col.endswith("_bytes"):
             shown[col] = [
                 _human_bytes(v) if isinstance(v, (int, float)) and math.isfinite(v) else "–"
                 for v in shown[col]
@@ -63,15 +109,18 @@ def _format_table(df: pd.DataFrame) -> str:
             f"{1e3 * v:.3g} ms" if isinstance(v, float) and math.isfinite(v) else "–"
             for v in shown["time_per_step_s"]
         ]
+    text_cols = [i for i, c in enumerate(shown.columns) if c in _TEXT_COLUMNS]
     shown = shown.rename(
         columns={
             "time_per_step_s": "time / step (median)",
             "optimizer_state_bytes": "optimizer state",
             "peak_memory_bytes": "peak memory",
             "nan_inf_events": "NaN/Inf events",
+            "test_accuracy": "test acc",
+            "final_loss": "final loss",
         }
     )
-    return shown.to_html(
+    table = shown.to_html(
         index=False,
         classes="summary",
         border=0,
@@ -79,6 +128,23 @@ def _format_table(df: pd.DataFrame) -> str:
         na_rep="–",
         float_format="{:.4g}".format,
     )
+    return f'<div class="table-wrap">{_mark_text_cells(table, text_cols)}</div>'
+
+
+def _mark_text_cells(table: str, columns: list[int]) -> str:
+    """Give the ``<td>`` cells of the given column positions ``class="text"`` (they wrap)."""
+    if not columns:
+        return table
+    out = []
+    for line in table.split("<tr>"):
+        cells = line.split("<td>")
+        line = cells[0] + "".join(
+            ('<td class="text">' if i - 1 in columns else "<td>") + c
+            for i, c in enumerate(cells)
+            if i > 0
+        )
+        out.append(line)
+    return "<tr>".join(out)
 
 
 def report_html(recordings: Any, *, title: str = "singd-lab report") -> str:
@@ -102,6 +168,8 @@ def report_html(recordings: Any, *, title: str = "singd-lab report") -> str:
     ]
     for i, (key, fig) in enumerate(figs.items()):
         parts.append(f"<h2>{html.escape(_TITLES.get(key, key))}</h2>")
+        fig.update_layout(autosize=True, width=None)
+        parts.append('<div class="figure">')
         parts.append(
             pio.to_html(
                 fig,
@@ -110,8 +178,11 @@ def report_html(recordings: Any, *, title: str = "singd-lab report") -> str:
                 full_html=False,
                 div_id=f"fig-{key}-{i}",
                 config={"displaylogo": False, "responsive": True},
+                default_width="100%",
+                default_height=f"{fig.layout.height or 450}px",  # a definite height
             )
         )
+        parts.append("</div>")
     parts.append(_meta_section(recs))
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -132,7 +203,7 @@ def _meta_section(recs: list[Recording]) -> str:
             }
         )
     table = pd.DataFrame(rows).to_html(index=False, classes="summary", border=0, escape=True)
-    return f"<h2>Runs</h2>{table}"
+    return f'<h2>Runs</h2><div class="table-wrap">{_mark_text_cells(table, [3, 4])}</div>'
 
 
 def report(recordings: Any, path: str | os.PathLike, *, title: str = "singd-lab report") -> Path:
@@ -149,6 +220,7 @@ def report(recordings: Any, path: str | os.PathLike, *, title: str = "singd-lab 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the report is a normal file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

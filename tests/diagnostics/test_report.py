@@ -87,3 +87,41 @@ def test_report_refuses_things_that_are_not_recordings(tmp_path):
     with pytest.raises(TypeError, match="Recording"):
         report([object()], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_and_saved_recording_get_normal_file_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        html_path = report(_rec("a", 0.5), tmp_path / "r.html")
+        rec_path = _rec("a", 0.5).save(tmp_path / "a.rec")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(html_path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(rec_path.stat().st_mode) == 0o644
+
+
+def test_summary_table_puts_the_useful_columns_first_and_explains_failures(tmp_path):
+    failed = _rec("broken", 2.0)
+    failed.summary["error"] = "KFACInverseError: " + "factor A of layer 0 is singular " * 8
+    table = summary_table([_rec("a", 0.5), failed])
+    assert table.columns[:8].tolist() == [
+        "run", "test_accuracy", "final_loss", "nan_inf_events", "optimizer_state_bytes",
+        "peak_memory_bytes", "time_per_step_s", "status",
+    ]  # fmt: skip
+    assert table["status"].tolist() == ["ok", "failed"]
+    assert table["why"].iloc[1].startswith("KFACInverseError")
+    text = report([_rec("a", 0.5), failed], tmp_path / "r.html").read_text(encoding="utf-8")
+    # the long reason sits in a wrapping cell, the table in a horizontally scrolling box
+    assert re.search(r'<td class="text">KFACInverseError', text)
+    assert '<div class="table-wrap"><table' in text and "overflow-x: auto" in text
+
+
+def test_report_figures_are_responsive_and_fill_the_page_width(tmp_path):
+    text = report(_rec("a", 0.5), tmp_path / "r.html").read_text(encoding="utf-8")
+    assert text.count('"responsive": true') == 5
+    assert "max-width: 1200px" not in text
+    divs = re.findall(r'<div class="figure">\s*<div style="height:\d+px; width:100%;">', text)
+    assert len(divs) == 5
