@@ -21,6 +21,9 @@ from diagnostics.recorder import Recorder
 from diagnostics.recording import Recording
 
 _NONE = "(none)"
+#: Width of each figure in pixels: two of them side by side (1230 px with gaps) fit the
+#: output area of a 1400 px wide JupyterLab; narrower, the grid puts one per row.
+FIGURE_WIDTH = 610
 
 
 def _finite(values: list[float]) -> list[float | None]:
@@ -57,7 +60,10 @@ class Dashboard(widgets.VBox):
         self.layer = widgets.Dropdown(description="layer")
         self.factor = widgets.Dropdown(description="factor")
         self.step_slider = widgets.SelectionSlider(
-            description="step", options=[0], continuous_update=False
+            description="step",
+            options=[0],
+            continuous_update=False,
+            layout=widgets.Layout(width="100%", max_width=f"{2 * FIGURE_WIDTH}px"),
         )
         self.status = widgets.HTML()
         self.spectrum = go.FigureWidget(
@@ -80,20 +86,29 @@ class Dashboard(widgets.VBox):
         self.memory = go.FigureWidget()
 
         self._busy = False
+        self._steps_filled = False
         self.run.observe(self._on_run, names="value")
         self.layer.observe(self._on_layer, names="value")
         self.factor.observe(self._on_selection, names="value")
         self.step_slider.observe(self._on_step, names="value")
-        controls = widgets.HBox([self.run, self.layer, self.factor])
+        controls = widgets.HBox(
+            [self.run, self.layer, self.factor], layout=widgets.Layout(flex_flow="row wrap")
+        )
+        for fig in (self.spectrum, self.condition, self.curves, self.events, self.memory):
+            fig.layout.width = FIGURE_WIDTH
+            fig.layout.autosize = False
+        # two figures per row where FIGURE_WIDTH fits twice, one per row otherwise
+        self.figures = widgets.GridBox(
+            [self.spectrum, self.condition, self.curves, self.events, self.memory],
+            layout=widgets.Layout(
+                grid_template_columns=f"repeat(auto-fill, minmax({FIGURE_WIDTH + 10}px, 1fr))",
+                grid_gap="4px",
+                width="100%",
+            ),
+        )
         super().__init__(
-            [
-                controls,
-                self.step_slider,
-                self.status,
-                widgets.HBox([self.spectrum, self.condition]),
-                widgets.HBox([self.curves, self.events]),
-                self.memory,
-            ]
+            [controls, self.step_slider, self.status, self.figures],
+            layout=widgets.Layout(width="100%", max_width="100%", overflow="hidden"),
         )
         self.refresh()
         if live:
@@ -155,14 +170,19 @@ class Dashboard(widgets.VBox):
         self._fill_steps()
 
     def _fill_steps(self) -> None:
+        """Slider options = recorded steps; it starts at the last one and, while it stays at
+        the last one, follows new steps (a step picked by hand is kept if still there)."""
         rec = self._current()
         steps = [0]
         if rec is not None and len(rec.steps):
             rs = rec.steps[rec.steps["recorded"]]["step"].tolist()
             steps = rs or rec.steps["step"].tolist()
         old = self.step_slider.value
+        old_opts = self.step_slider.options
+        at_end = not self._steps_filled or not old_opts or old == old_opts[-1]
         self.step_slider.options = steps
-        self.step_slider.value = old if old in steps and not self.live else steps[-1]
+        self.step_slider.value = old if old in steps and not at_end else steps[-1]
+        self._steps_filled = True
 
     # ------------------------------------------------------------------ drawing
     def _draw_all(self) -> None:
@@ -177,6 +197,8 @@ class Dashboard(widgets.VBox):
                     target.add_trace(tr)
                 target.layout = src.layout
                 target.layout.height = 330 if target is self.events else 380
+                target.layout.width = FIGURE_WIDTH
+                target.layout.autosize = False
         n_ev = sum(len(r.events) for r in self._recs)
         steps = sum(len(r.steps) for r in self._recs)
         self.status.value = (

@@ -197,6 +197,7 @@ def test_dashboard_controls_drive_the_figures():
     assert d.run.options == ("a", "b")
     assert d.layer.options == ("0", "2") and d.factor.options == ("K", "C")
     assert d.step_slider.options == (0, 2, 4)
+    assert d.step_slider.value == 4  # starts at the last recorded step
     d.step_slider.value = 2
     assert list(d.spectrum.data[0].y) == [12.0, 2.0, 1.0]
     assert d.condition.layout.shapes[0].x0 == 2 and d.curves.layout.shapes[0].x0 == 2
@@ -206,6 +207,22 @@ def test_dashboard_controls_drive_the_figures():
     assert "C · layer 0" in d.spectrum.layout.title.text
     assert [t.name for t in d.events.data] == ["forward", "backward"]
     assert len(d.curves.data) == 2
+
+
+def test_dashboard_fits_a_1400_px_jupyterlab_without_cutting_off_figures():
+    import ipywidgets as widgets
+
+    from diagnostics import dashboard
+    from diagnostics.widgets import FIGURE_WIDTH
+
+    d = dashboard(_rec("a"))
+    figs = [d.spectrum, d.condition, d.curves, d.events, d.memory]
+    assert isinstance(d.figures, widgets.GridBox) and list(d.figures.children) == figs
+    # every figure has a fixed width that fits twice (with gaps) in the ~1280 px output area
+    # of a 1400 px JupyterLab; a narrower page gets one figure per row (auto-fill grid)
+    assert all(f.layout.width == FIGURE_WIDTH for f in figs)
+    assert 2 * (FIGURE_WIDTH + 10) + 4 <= 1280
+    assert "auto-fill" in d.figures.layout.grid_template_columns
 
 
 def test_live_dashboard_redraws_after_each_recorded_step():
@@ -228,7 +245,7 @@ def test_live_dashboard_redraws_after_each_recorded_step():
         loss.backward()
         opt.step()
         rec.step(loss=loss)
-    assert d.step_slider.options == (0, 2, 4) and d.step_slider.value == 4
+    assert d.step_slider.options == (0, 2, 4) and d.step_slider.value == 4  # follows
     assert d.layer.options == ("0", "2") and d.factor.options == ("K", "C")
     assert len(d.spectrum.data[0].y) == 5  # K of layer 0: 4 inputs + bias
     assert list(d.curves.data[0].x) == [0, 1, 2, 3, 4]
