@@ -238,32 +238,38 @@ def events_figure(recordings: Any) -> go.Figure:
     multi = len(recs) > 1
     ev["where"] = (ev["run"] + " · " if multi else "") + ev["layer"].astype(str)
     fields = ["run", "phase", "layer", "tensor", "dtype", "shape", "n_nan", "n_posinf",
-              "n_neginf", "finite_absmax", "grad_scale", "skipped"]  # fmt: skip
+              "n_neginf", "finite_absmax", "grad_scale", "skipped", "message"]  # fmt: skip
+    if "message" not in ev:
+        ev["message"] = ""
     template = (
         "step %{x}<br>run %{customdata[0]}<br>phase %{customdata[1]}<br>"
         "layer %{customdata[2]} · tensor %{customdata[3]}<br>"
         "dtype %{customdata[4]} · shape %{customdata[5]}<br>"
         "NaN %{customdata[6]} · +Inf %{customdata[7]} · -Inf %{customdata[8]}<br>"
         "largest finite |x| %{customdata[9]:.4g}<br>grad scale %{customdata[10]}<br>"
-        "skipped %{customdata[11]}<extra></extra>"
+        "skipped %{customdata[11]}<br>%{customdata[12]}<extra></extra>"
     )
     phases = list(PHASES) + sorted(set(ev["phase"]) - set(PHASES))
-    for phase in phases:
-        part = ev[ev["phase"] == phase]
+    is_error = ev["message"].astype(str) != ""
+    groups = [(p, ev[(ev["phase"] == p) & ~is_error], p) for p in phases]
+    groups += [(p, ev[(ev["phase"] == p) & is_error], f"error ({p})") for p in phases]
+    for phase, part, name in groups:
         if len(part) == 0:
             continue
         symbol, color = PHASE_STYLE.get(phase, ("star", "#7f7f7f"))
+        if name != phase:  # an error that ended the run (Recorder.record_error)
+            symbol, color = "x", "#d62728"
         cd = part[fields].astype(object).where(part[fields].notna(), None).values.tolist()
         fig.add_trace(
             go.Scatter(
                 x=part["step"].tolist(),
                 y=(part["where"] + " / " + part["tensor"]).tolist(),
                 mode="markers",
-                name=phase,
+                name=name,
                 marker={
                     "symbol": symbol,
                     "color": color,
-                    "size": 11,
+                    "size": 11 if name == phase else 14,
                     "line": {"width": 1, "color": "#333"},
                 },  # fmt: skip
                 customdata=cd,

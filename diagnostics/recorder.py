@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from diagnostics import metrics as M
-from diagnostics.recording import COLUMNS, Recording, frame_from_rows
+from diagnostics.recording import COLUMNS, PHASES, Recording, frame_from_rows
 
 Schedule = int | Iterable[int] | Callable[[int], bool]
 Listener = Callable[["Recorder", int], None]
@@ -450,6 +450,54 @@ class Recorder:
         if recorded:
             for fn in list(self._listeners):
                 fn(self, s)
+
+    def record_error(
+        self,
+        exc: BaseException | str,
+        *,
+        phase: str = "preconditioner update",
+        layer: str | None = None,
+        tensor: str | None = None,
+        step: int | None = None,
+    ) -> None:
+        """Record an error that aborts training (e.g. KFAC's inverse failure) as an event row.
+
+        The row has the phase, layer and tensor (``"(model)"`` / ``"error"`` when not
+        given), ``message`` = ``"ExcType: message"``, zero NaN/Inf counts, and the step
+        ``step`` (default: the step in progress, i.e. `current_step`), so that a run that
+        gives up shows why in ``recording.events`` and on the event timeline. It counts
+        towards ``max_events`` only in that it is always kept.
+        """
+        if isinstance(exc, BaseException):
+            message = f"{type(exc).__name__}: {exc}".strip()
+        elif isinstance(exc, str):
+            message = exc
+        else:
+            raise TypeError(f"exc must be an exception or a str, got {type(exc).__name__}")
+        if not isinstance(phase, str) or not phase:
+            raise ValueError(f"phase must be a non-empty str (e.g. one of {PHASES}), got {phase!r}")
+        s = self._step if step is None else step
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
+        self._events.append(
+            {
+                "step": s,
+                "phase": phase,
+                "layer": MODEL if layer is None else str(layer),
+                "tensor": "error" if tensor is None else str(tensor),
+                "dtype": "",
+                "shape": "",
+                "numel": 0,
+                "n_nan": 0,
+                "n_posinf": 0,
+                "n_neginf": 0,
+                "finite_absmax": math.nan,
+                "grad_scale": self._grad_scale(),
+                "skipped": True,
+                "message": message,
+            }
+        )
+        self._cache = None
 
     @property
     def recording(self) -> Recording:

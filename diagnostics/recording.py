@@ -48,6 +48,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "record_time_s": "float64",
         "grad_scale": "float64",
         "skipped": "bool",
+        # what happened, for events that are errors (`Recorder.record_error`); "" otherwise
+        "message": "str",
     },
     # tidy: one row per step x layer x factor x metric
     "metrics": {
@@ -80,6 +82,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "finite_absmax": "float64",
         "grad_scale": "float64",
         "skipped": "bool",
+        # what happened, for events that are errors (`Recorder.record_error`); "" otherwise
+        "message": "str",
     },
     # one row per step x layer x component (optimizer state; "(process)" rows are peaks)
     "memory": {
@@ -210,7 +214,9 @@ class Recording:
             "steps": int(len(st)),
             "final_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
             "min_loss": float(losses.min()) if len(losses) else math.nan,
-            "nan_inf_events": int(len(self.events)),
+            "nan_inf_events": int((self.events["message"] == "").sum())
+            if "message" in self.events
+            else int(len(self.events)),
             "skipped_steps": int(st["skipped"].sum()),
             "optimizer_state_bytes": int(sb["bytes"].sum()) if len(sb) else 0,
             "peak_memory_bytes": self.peak_memory_bytes(),
@@ -281,6 +287,10 @@ class Recording:
                     )
                 body = json.loads(zf.read(_BODY))
                 frames = {fname: _decode_frame(body["frames"][fname], zf) for fname in cls.FRAMES}
+                for fname, df in frames.items():  # columns added after a file was written
+                    for col in COLUMNS.get(fname, {}):
+                        if col not in df.columns and COLUMNS[fname][col] == "str":
+                            df[col] = pd.Series([""] * len(df), index=df.index, dtype=_str_dtype())
         except zipfile.BadZipFile as err:
             raise ValueError(
                 f"{str(path)!r} is truncated, corrupt or not a singd-lab recording ({err})"

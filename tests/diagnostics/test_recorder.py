@@ -498,3 +498,32 @@ def test_steps_without_a_loss_record_nan_and_raise_no_event():
     assert st["loss"].isna().all() and st["loss"].dtype == "float64"
     assert len(rec.recording.events) == 0
     assert not rec._armed or rec.is_recorded(rec.current_step)
+
+
+def test_record_error_writes_an_event_that_says_why_the_run_stopped(tmp_path):
+    from diagnostics.figures import events_figure
+    from diagnostics.recording import Recording
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(opt, model, every=1)
+    rec.step(loss=1.0)
+    rec.record_error(
+        RuntimeError("factor A of layer 0 cannot be inverted"), layer="0", tensor="A_inv"
+    )
+    rec.close()
+    ev = rec.recording.events
+    assert len(ev) == 1
+    row = ev.iloc[0]
+    assert (row["step"], row["phase"], row["layer"], row["tensor"]) == (
+        1, "preconditioner update", "0", "A_inv",
+    )  # fmt: skip
+    assert row["message"] == "RuntimeError: factor A of layer 0 cannot be inverted"
+    assert rec.recording.summary_row()["nan_inf_events"] == 0  # an error is not a NaN/Inf
+    loaded = Recording.load(rec.recording.save(tmp_path / "r.rec"))
+    assert loaded.events["message"].tolist() == [row["message"]]
+    fig = events_figure(loaded)
+    assert [t.name for t in fig.data] == ["error (preconditioner update)"]
+    assert "cannot be inverted" in str(fig.data[0].customdata[0])
+    with pytest.raises(TypeError, match="exc must be"):
+        rec.record_error(42)
