@@ -490,6 +490,8 @@ def train(
                 except _OPTIMIZER_FAILURES as err:
                     result.error = f"step {step}: {type(err).__name__}: {err}"
                     result.stopped_early = True
+                    if recorder is not None:  # the events table and timeline show why
+                        recorder.record_error(err, phase="preconditioner update")
                     break
                 step_times.append(time.perf_counter() - t0)
                 if recorder is not None:
