@@ -527,3 +527,14 @@ def test_record_error_writes_an_event_that_says_why_the_run_stopped(tmp_path):
     assert "cannot be inverted" in str(fig.data[0].customdata[0])
     with pytest.raises(TypeError, match="exc must be"):
         rec.record_error(42)
+
+
+def test_train_records_the_kfac_inverse_failure_as_an_error_event():
+    from diagnostics.training import train
+
+    options = {"factor_dtype": "bfloat16", "on_inverse_failure": "raise"}
+    result = train("mlp", "kfac", steps=5, optimizer_options=options, record=True, progress=False)
+    ev = result.recording.events
+    errors = ev[ev["message"] != ""]
+    assert len(errors) == 1 and errors["phase"].iloc[0] == "preconditioner update"
+    assert errors["message"].iloc[0].startswith("KFACInverseError")
