@@ -348,7 +348,8 @@ class KFAC(Optimizer):
             state[f"{f}_inv"] = inv
             if up is not None:
                 state[f"{f}_upcasts"] += 1
-                state[f"{f}_upcast_dtype"] = str(up).removeprefix("torch.")
+            if inv.dtype != state[f].dtype:  # the inverse needed a wider working copy
+                state[f"{f}_upcast_dtype"] = str(inv.dtype).removeprefix("torch.")
         state["factor_updates"] += 1
 
     # ------------------------------------------------------------------ step
@@ -423,12 +424,13 @@ class KFAC(Optimizer):
         return out
 
     def state_bytes(self) -> dict[str, dict[str, int]]:
-        """Optimizer state bytes per layer (or fallback parameter) and component.
+        """Optimizer state bytes per layer (or ``"fallback"``) and component.
 
         Components: ``A``, ``G``, ``A_inv``, ``G_inv``; ``A_upcast`` / ``G_upcast`` (the
-        float32/64 working copy of a factor that an upcast inverse needs) when it
-        happened; ``momentum`` (heavy-ball buffers of the layer's parameters). Parameters
-        trained by the first-order fallback are summed under the layer key ``"fallback"``.
+        working copy of a factor in the wider dtype its inverse was computed in, by the
+        upcast policy or by ``inverse_dtype``) when there was one; ``momentum`` (heavy-ball
+        buffers of the layer's parameters). Parameters trained by the first-order fallback
+        are summed under the layer key ``"fallback"``.
         """
 
         def nbytes(t: Tensor) -> int:
@@ -442,7 +444,7 @@ class KFAC(Optimizer):
                 if f in state:
                     comps[f] = nbytes(state[f])
                     comps[f"{f}_inv"] = nbytes(state[f"{f}_inv"])
-                    if state[f"{f}_upcasts"]:
+                    if f"{f}_upcast_dtype" in state:
                         up = _DTYPE_NAMES[state[f"{f}_upcast_dtype"]]
                         comps[f"{f}_upcast"] = state[f].numel() * torch.finfo(up).bits // 8
             mom = sum(

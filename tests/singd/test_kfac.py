@@ -296,3 +296,16 @@ def test_hooks_are_removed_when_the_optimizer_is_collected():
     gc.collect()
     assert not layer._forward_hooks
     layer(x).sum().backward()  # no stale hook runs
+
+
+def test_an_explicit_wider_inverse_dtype_counts_its_working_copy_without_an_upcast():
+    layer, x, y = _linear_problem()
+    opt = KFAC(layer, lr=0.01, damping=0.1, T=1, factor_dtype="bfloat16", inverse_dtype="float32")
+    _kfac_step(opt, layer, x, y)
+    assert opt.upcast_count() == 0
+    sizes = opt.state_bytes()[""]
+    assert sizes["A"] == 6 * 6 * 2 and sizes["A_upcast"] == 6 * 6 * 4
+    layer2, x2, y2 = _linear_problem()
+    plain = KFAC(layer2, lr=0.01, damping=0.1, T=1)
+    _kfac_step(plain, layer2, x2, y2)
+    assert "A_upcast" not in plain.state_bytes()[""]
