@@ -12,11 +12,13 @@ from diagnostics.figures import (
 from diagnostics.recorder import Recorder
 from diagnostics.recording import Recording
 from diagnostics.report import report, summary_table
+from diagnostics.training import TrainResult, train
 
 __all__ = [
     "Dashboard",
     "Recorder",
     "Recording",
+    "TrainResult",
     "all_figures",
     "condition_figure",
     "curves_figure",
@@ -27,6 +29,7 @@ __all__ = [
     "save_figure",
     "spectrum_figure",
     "summary_table",
+    "train",
 ]
 
 
