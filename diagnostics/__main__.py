@@ -106,8 +106,9 @@ def _print_summary(results: dict[str, Any]) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     """Execute notebook 03 with its defaults into ``--out``; print paths and a summary."""
-    import papermill
     from papermill.exceptions import PapermillExecutionError
+
+    from diagnostics.sweep import execute_notebook
 
     notebook = Path(args.notebook) if args.notebook else _notebooks_dir() / DEMO_NOTEBOOK
     if not notebook.is_file():
@@ -120,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
     executed = out / notebook.name
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(
+        execute_notebook(  # without the stored ipywidgets state (tens of MB)
             str(notebook),
             str(executed),
             parameters=params,

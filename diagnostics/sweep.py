@@ -42,6 +42,44 @@ NOTEBOOK_FILE = "notebook.ipynb"
 
 _STATUS_COLUMNS = ["run", "status", "error", "seconds", "notebook"]
 
+#: Options for ``papermill.execute_notebook`` (papermill passes them on to nbclient):
+#: ``store_widget_state=False`` keeps the ipywidgets state (tens of MB for a live
+#: dashboard, useless without a kernel) out of the executed notebook's metadata.
+EXECUTE_OPTIONS: dict[str, Any] = {"store_widget_state": False}
+
+
+def strip_widget_state(path: str | Path) -> int:
+    """Remove stored ipywidgets state (``metadata.widgets``) from a notebook file in place.
+
+    Returns the number of bytes saved (0 when there was none; the file is then untouched).
+    The widget views in cell outputs stay; offline they show their text fallback.
+    """
+    import nbformat
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    if "widgets" not in nb.metadata:
+        return 0
+    before = path.stat().st_size
+    del nb.metadata["widgets"]
+    nbformat.write(nb, path)
+    return before - path.stat().st_size
+
+
+def execute_notebook(notebook: str | Path, output: str | Path, **kwargs: Any) -> Any:
+    """``papermill.execute_notebook`` without stored widget state (see `EXECUTE_OPTIONS`).
+
+    The state is also stripped from the written notebook afterwards, including when the
+    notebook failed (papermill then still writes it, with the error).
+    """
+    import papermill
+
+    try:
+        return papermill.execute_notebook(str(notebook), str(output), **EXECUTE_OPTIONS, **kwargs)
+    finally:
+        if Path(output).is_file():
+            strip_widget_state(output)
+
 
 def parse_value(text: str) -> Any:
     """Parse one command-line value: int, float, bool, None, JSON list/dict, else the string."""
@@ -108,7 +146,6 @@ def _execute(
     timeout: float | None,
 ) -> dict[str, Any]:
     """Execute one combination under papermill and write its ``run.json`` (never raises)."""
-    import papermill
     from papermill.exceptions import PapermillExecutionError
 
     folder = Path(run_dir)
@@ -120,7 +157,7 @@ def _execute(
     record: dict[str, Any] = {"run": folder.name, "params": params, "status": "ok", "error": ""}
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(
+        execute_notebook(
             notebook,
             str(folder / NOTEBOOK_FILE),
             parameters=injected,
