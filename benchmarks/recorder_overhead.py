@@ -9,7 +9,9 @@ Configurations (each against the same training loop without any recorder):
 - ``every10-nospectra-grads``: as above with ``check_finite="grads"``;
 - ``every10-events-only``: ``spectra=False, memory=False`` (norms and events only);
 - ``every10-worker``: as ``every10`` with ``workers=1`` (factor spectra on a second thread;
-  its CPU time is not the training thread's, so read this row with ``--clock wall``).
+  its CPU time is not the training thread's, so read this row's wall columns);
+- ``every4-nospectra``: ``every=4, spectra=False`` (Cockpit's cheapest preset, about 1.2x at
+  interval 4, for comparison; the blocks of 10 steps then hold 2 or 3 recorded steps).
 
 Method: every configuration trains its own identically seeded model on the same batches,
 and all of them advance *together*, one step each, in an order rotated every step, so
@@ -17,7 +19,7 @@ that load from other processes on a shared machine hits them alike. Each step is
 (``zero_grad`` to ``recorder.step`` inclusive) by the CPU time of the training thread
 (``time.thread_time``, default: on a shared machine it is far less disturbed by other
 processes than the wall clock, and with one torch thread and ``workers=0`` all work of
-a step runs on that thread) or, with ``--clock wall``, by the wall clock. Steps are grouped in
+a step runs on that thread) and by the wall clock, both reported. Steps are grouped in
 blocks of 10 (one recording period, so every block holds exactly one recorded step);
 the overhead of a configuration is the median over blocks of (its block time / the
 no-recorder block time) - 1, with the quartiles, and also the ratio of the mean times.
@@ -44,6 +46,7 @@ CONFIGS: dict[str, dict | None] = {
     "every10-nospectra-grads": {"every": 10, "spectra": False, "check_finite": "grads"},
     "every10-events-only": {"every": 10, "spectra": False, "memory": False},
     "every10-worker": {"every": 10, "workers": 1},
+    "every4-nospectra": {"every": 4, "spectra": False},
 }
 
 
@@ -111,34 +114,46 @@ class Trainer:
 
 
 def measure(
-    opt_name: str, data, warmup: int, blocks: int, period: int, clock: int
-) -> dict[str, list[float]]:
-    """Per configuration, the time of each block of ``period`` steps (one recorded step each).
+    opt_name: str, data, warmup: int, blocks: int, period: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per configuration, the (wall, CPU) time of each block of ``period`` steps.
 
-    ``clock`` 0: wall time; 1: CPU time of the training thread.
-
-    All configurations advance together, one step each in an order rotated every step, so
-    that load from other processes hits all of them alike.
+    Each block holds exactly one recorded step. All configurations advance together, one
+    step each in an order rotated every step, so that load from other processes hits all
+    of them alike. CPU time is that of the training thread (``time.thread_time``).
     """
     names = list(CONFIGS)
     trainers = {n: Trainer(opt_name, CONFIGS[n]) for n in names}
-    times = {n: [] for n in names}
-    acc = dict.fromkeys(names, 0.0)
+    out: tuple[dict[str, list[float]], ...] = ({n: [] for n in names}, {n: [] for n in names})
+    acc = {n: [0.0, 0.0] for n in names}
     for i in range(warmup + blocks * period):
         x, y = data[i % len(data)]
         k = i % len(names)
         for n in names[k:] + names[:k]:
-            dt = trainers[n].step(x, y)[clock]
+            wall, cpu = trainers[n].step(x, y)
             if i >= warmup:
-                acc[n] += dt
+                acc[n][0] += wall
+                acc[n][1] += cpu
         if i >= warmup and (i - warmup + 1) % period == 0:
             for n in names:
-                times[n].append(acc[n])
-                acc[n] = 0.0
+                for c in (0, 1):
+                    out[c][n].append(acc[n][c])
+                acc[n] = [0.0, 0.0]
     for t in trainers.values():
         if t.rec is not None:
             t.rec.close()
-    return times
+    return out[0], out[1]
+
+
+def _overhead(ts: list[float], base: list[float]) -> tuple[str, str]:
+    """Median of block ratios with quartiles, and the ratio of means, as percent strings."""
+    ratios = sorted(t / b - 1.0 for t, b in zip(ts, base))
+    q1, med, q3 = (ratios[int(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75))
+    mean_ratio = statistics.fmean(ts) / statistics.fmean(base) - 1.0
+    return (
+        f"{100 * med:+.1f} % [{100 * q1:+.1f}, {100 * q3:+.1f}]",
+        f"{100 * mean_ratio:+.1f} %",
+    )
 
 
 def main() -> None:
@@ -148,42 +163,34 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=100, help="blocks of 10 steps measured")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--optimizers", nargs="+", default=["adamw", "singd"])
-    ap.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu: CPU time of the training thread (robust on a loaded machine); wall: wall clock",
-    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     period = 10
     data = batches(128, 200)
     print(
-        f"torch {torch.__version__}, {args.threads} torch thread(s), {args.clock} clock, "
+        f"torch {torch.__version__}, {args.threads} torch thread(s), "
         f"{args.blocks} blocks x {period} steps (+{args.warmup} warm-up), interleaved"
     )
-    print("| optimizer | recorder | ms / step (mean) | overhead: median of block ratios "
-          "[25%, 75%] | overhead: ratio of means |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print("| optimizer | recorder | CPU ms / step (mean) | CPU overhead: median of block ratios "
+          "[25%, 75%] | CPU: ratio of means | wall ms / step | wall overhead: median "
+          "[25%, 75%] | wall: ratio of means |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for opt_name in args.optimizers:
         try:
             make_optimizer(opt_name, make_model())
         except Exception as err:  # SINGD may not be importable
-            print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | | |")
+            print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | | | | | |")
             continue
-        clock = 0 if args.clock == "wall" else 1
-        times = measure(opt_name, data, args.warmup, args.blocks, period, clock)
-        base = times["none"]
-        for n, ts in times.items():
-            ms = 1e3 * statistics.fmean(ts) / period
-            if n == "none":
-                print(f"| {opt_name} | {n} | {ms:.3f} | - | - |")
-                continue
-            ratios = sorted(t / b - 1.0 for t, b in zip(ts, base))
-            q1, med, q3 = (ratios[int(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75))
-            mean_ratio = statistics.fmean(ts) / statistics.fmean(base) - 1.0
-            print(f"| {opt_name} | {n} | {ms:.3f} | {100 * med:+.1f} % [{100 * q1:+.1f}, "
-                  f"{100 * q3:+.1f}] | {100 * mean_ratio:+.1f} % |")  # fmt: skip
+        wall, cpu = measure(opt_name, data, args.warmup, args.blocks, period)
+        for n in CONFIGS:
+            cells = []
+            for times in (cpu, wall):
+                ms = 1e3 * statistics.fmean(times[n]) / period
+                if n == "none":
+                    cells += [f"{ms:.3f}", "-", "-"]
+                else:
+                    cells += [f"{ms:.3f}", *_overhead(times[n], times["none"])]
+            print(f"| {opt_name} | {n} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

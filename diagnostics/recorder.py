@@ -11,6 +11,10 @@ Usage (any ``torch.optim`` optimizer, `singd.SINGD` or `singd.KFAC`)::
             rec.step(loss=loss)          # once per training step, after optimizer.step()
     rec.recording.save("run.rec")
 
+An error that ends training (e.g. KFAC's ``KFACInverseError``) can be recorded with
+``rec.record_error(err, phase="preconditioner update")``: it becomes an event row whose
+``message`` says why.
+
 What it costs, by step kind:
 
 - **unrecorded steps**: a clock read and a finiteness check chosen by ``check_finite``:
@@ -27,6 +31,13 @@ What it costs, by step kind:
   recorder reads the loss, gradients, parameters, the update (parameters before/after
   ``optimizer.step()``, snapshotted by a step pre-hook), optimizer state, factors (through
   ``preconditioner_factors()`` when the optimizer has it), and memory.
+- **spectra** (``spectra=True``, recorded steps): read structure-aware through
+  `metrics.factor_parts` (diagonal factors: their entries, no decomposition;
+  block-diagonal: per block; others dense) and batched by `metrics.summarize_factors`
+  (all square blocks of one size, across layers, in one float64 product and one
+  ``eigvalsh``). On the digits MLP (six dense factors of size 10 to 129) this is about
+  3 ms per recorded step on one CPU core, two SINGD steps' worth: most of the
+  recorder's cost there (see ``benchmarks/RESULTS.md``, "Recorder overhead").
 - a tripped finiteness check on an unrecorded step gets the same detailed inspection of
   loss, gradients, parameters, factors and state (phases ``forward``, ``backward``,
   ``preconditioner update``, ``parameter update``), and arms the hooks for the next step so
