@@ -22,6 +22,7 @@ from singd.capture import (
     LOSS_AVERAGES,
     Capture,
     Layer,
+    _conv_patches,
     find_layers,
     grad_rows,
     input_rows,
@@ -29,9 +30,10 @@ from singd.capture import (
     unwrap_model,
 )
 from singd.distributed import default_reducer
-from singd.structures import FORMS, BlockDiagonal, StructuredMatrix, structure
+from singd.structures import FORMS, BlockDiagonal, Diagonal, StructuredMatrix, structure
 from singd.update import (
     Gram,
+    diagonal_statistic,
     gram,
     heavy_ball_,
     inner_statistic,
@@ -175,6 +177,28 @@ def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
             target(*args)
 
     return call
+
+
+_FULL = (torch.float32, torch.float64)
+
+
+def _conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """Column sums of squares of a Conv2d's ``expand`` input rows (ones column included) and
+    the row count, from the patches of the batch-summed squared input: no per-sample unfold."""
+    x = (x if x.dim() == 4 else x.unsqueeze(0)).to(dtype)
+    patches = _conv_patches(module, x.square().sum(0, keepdim=True))  # (1, G * d, L)
+    G, L = module.groups, patches.shape[-1]
+    sq = patches.sum(-1).reshape(G, -1).sum(0)
+    rows = x.shape[0] * L * G
+    if module.bias is not None:
+        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
+    return sq, rows
+
+
+def _conv_grad_square_sums(grad_output: Tensor, dtype: torch.dtype) -> Tensor:
+    """Column sums of squares of a Conv2d's ``expand`` gradient rows."""
+    g = (grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)).to(dtype)
+    return g.square().sum((0, 2, 3))
 
 
 def _materialize(S: StructuredMatrix, scale: float, dtype: torch.dtype) -> StructuredMatrix:
@@ -461,29 +485,39 @@ class SINGD(Optimizer):
         group, module = st.group, st.layer.module
         approx = group["kfac_approx"]
         with torch.no_grad():
-            a = input_rows(module, x, approx)
-            rows = a.shape[0]
             K = st.K
-            if K.dtype == torch.float16:  # mean of squares, accumulated in fp32
+            conv = approx == "expand" and isinstance(module, nn.Conv2d)
+            if conv and isinstance(K, Diagonal) and K.dtype in _FULL:
+                sq, rows = _conv_input_square_sums(module, x, K.dtype)
+                term_K, w_K = diagonal_statistic(K, sq), 1.0
+            elif K.dtype == torch.float16:  # mean of squares, accumulated in fp32
+                a = input_rows(module, x, approx)
+                rows = a.shape[0]
                 a = (a.float() * (1.0 / math.sqrt(rows))).half()
                 term_K, w_K = inner_statistic(K, a).to(dtype=torch.float32), float(rows)
             else:
+                a = input_rows(module, x, approx)
+                rows = a.shape[0]
                 a = a if a.dtype == K.dtype else a.to(K.dtype)
                 term_K, w_K = inner_statistic(K, a), 1.0
             if st.acc_K is None:
                 st.acc_K = _Accumulator()
             st.acc_K.add(term_K, w_K, rows)
 
-            g = grad_rows(module, grad_output, approx)
             n = loss_average_count(module, grad_output, group["loss_average"])
             C = st.C
-            if C.dtype == torch.float16:  # scaled to max |g| = 1 so nothing overflows
+            if conv and isinstance(C, Diagonal) and C.dtype in _FULL:
+                sq = _conv_grad_square_sums(grad_output, C.dtype)
+                term_C, w_C = diagonal_statistic(C, sq), 1.0
+            elif C.dtype == torch.float16:  # scaled to max |g| = 1 so nothing overflows
+                g = grad_rows(module, grad_output, approx)
                 g32 = g.float()
                 peak = float(g32.abs().max()) if g32.numel() else 0.0
                 peak = peak if math.isfinite(peak) and peak > 0 else 1.0
                 g = (g32 * (1.0 / peak)).half()
                 term_C, w_C = inner_statistic(C, g).to(dtype=torch.float32), peak * peak
             else:
+                g = grad_rows(module, grad_output, approx)
                 g = g if g.dtype == C.dtype else g.to(C.dtype)
                 term_C, w_C = inner_statistic(C, g), 1.0
             if st.acc_C is None:

@@ -101,6 +101,11 @@ def riemannian_step(
     return K, C, m_K, m_C
 
 
+#: Factors up to this size get a dense ``F F^T`` cache whatever their structure (T > 1), and
+#: their statistics from a dense ``X^T X`` when there are more rows than columns.
+DENSE_GRAM_MAX = 256
+
+
 def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """``Pi(F^T X^T X F)`` for data ``X = rows`` of shape ``(R, dim)``, in F's dtype.
 
@@ -108,11 +113,23 @@ def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     (``2 R d^2 + 4 d^3`` instead of ``4 R d^2`` flops); every other case is
     ``F.from_inner(X^T)``, which never forms a ``d x d`` matrix for sparse structures.
     """
-    if isinstance(F, (Dense, Triangular)) and rows.shape[0] > F.dim:
-        A = rows.T @ rows
-        M = F.mat.T @ A @ F.mat
-        return Dense(M) if isinstance(F, Dense) else type(F).from_dense(M)
+    if rows.shape[0] > F.dim:
+        if isinstance(F, (Dense, Triangular)):
+            A = rows.T @ rows
+            M = F.mat.T @ A @ F.mat
+            return Dense(M) if isinstance(F, Dense) else type(F).from_dense(M)
+        if F.dim <= DENSE_GRAM_MAX and not isinstance(F, (Diagonal, BlockDiagonal)):
+            # small hierarchical / Toeplitz factor, many rows (conv layers): one BLAS Gram
+            # and a d x d projection beat the structured row products (Toeplitz: 4x)
+            Fd = F.to_dense()
+            return F._from_dense(Fd.T @ (rows.T @ rows) @ Fd)
     return F.from_inner(rows.T)
+
+
+def diagonal_statistic(F: Diagonal, square_sums: Tensor) -> Diagonal:
+    """``Pi(F^T X^T X F)`` for a diagonal ``F`` from the column sums of squares of ``X``
+    (``square_sums`` is consumed)."""
+    return Diagonal._wrap(F.dim, square_sums.mul_(F.diag).mul_(F.diag))
 
 
 # ---------------------------------------------------------------------- preconditioning
@@ -132,10 +149,6 @@ class Gram:
         v = self.value
         tensors = [v] if isinstance(v, Tensor) else list(v.to_dict().values())
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-#: Factors up to this size get a dense ``F F^T`` cache whatever their structure (T > 1).
-DENSE_GRAM_MAX = 256
 
 
 def gram(F: StructuredMatrix, other_dim: int | None = None, T: int = 1) -> Gram | None:
