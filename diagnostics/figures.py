@@ -101,6 +101,16 @@ def _human_bytes(n: float) -> str:
 # ---------------------------------------------------------------------------- spectra
 
 
+def _round_sig(values: np.ndarray, digits: int) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant digits (NaN, Inf and 0 kept)."""
+    out = np.array(values, dtype=np.float64)
+    ok = np.isfinite(out) & (out != 0)
+    mag = np.floor(np.log10(np.abs(out[ok])))
+    scale = 10.0 ** (digits - 1 - mag)
+    out[ok] = np.round(out[ok] * scale) / scale
+    return out
+
+
 def spectrum_figure(
     recordings: Any, *, layer: str | None = None, factor: str | None = None
 ) -> go.Figure:
@@ -126,12 +136,14 @@ def spectrum_figure(
             vals = grid.to_numpy(dtype=np.float64)
             with np.errstate(divide="ignore", invalid="ignore"):
                 z = np.where(vals > 0, np.log10(vals), np.nan)
+            # rounded to what the colours and the hover (4 significant digits) can show:
+            # a long run's spectra otherwise take megabytes of JSON in a notebook or report
             fig.add_trace(
                 go.Heatmap(
                     x=grid.columns.tolist(),
                     y=grid.index.tolist(),
-                    z=z.tolist(),
-                    customdata=vals.tolist(),
+                    z=np.round(z, 4).tolist(),
+                    customdata=_round_sig(vals, 5).tolist(),
                     colorscale="Viridis",
                     colorbar={"title": {"text": "log10 eig"}},
                     hovertemplate="step %{x}<br>rank %{y}<br>eigenvalue %{customdata:.4g}"

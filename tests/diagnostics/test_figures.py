@@ -279,3 +279,19 @@ def test_live_dashboard_needs_a_recorder():
         dashboard(_rec("a"), live=True)
     with pytest.raises(TypeError, match="Recording"):
         dashboard("not a recording")
+
+
+def test_spectrum_figure_stores_values_rounded_to_what_it_can_show():
+    from diagnostics.figures import spectrum_figure
+    from diagnostics.recording import Recording, frame_from_rows
+
+    rows = [
+        {"step": s, "layer": "0", "factor": "K", "index": i, "value": (i + 1) / 3 * 10.0**-i}
+        for s in range(3)
+        for i in range(4)
+    ]
+    fig = spectrum_figure(Recording(name="r", spectra=frame_from_rows("spectra", rows)))
+    hm = fig.data[0]
+    assert [row[0] for row in hm.customdata] == [0.33333, 0.066667, 0.01, 0.0013333]
+    assert hm.customdata[0][0] == 0.33333  # 5 significant digits, not 17
+    assert all(len(repr(v)) <= 7 for row in hm.z for v in row)  # log10 to 4 decimals
