@@ -83,6 +83,11 @@ def riemannian_step(
     if kfac_like:
         alpha1 = 0.0
     half = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
+    if type(K) is Diagonal and type(C) is Diagonal and K.dtype == C.dtype:
+        return _diagonal_step(
+            K, C, H_K, H_C, m_K, m_C, damping, alpha1, lr_cov, kfac_like, normalize_lr_cov,
+            half, scale_K, scale_C,
+        )  # fmt: skip
     mh_K, mh_C = _m_hat(H_K, H_C, K, C, damping, kfac_like, half, scale_K, scale_C)
     if alpha1 > 0.0 and m_K is not None and m_C is not None:
         m_K = m_K.mul_(alpha1).add_(mh_K)
@@ -104,6 +109,58 @@ def riemannian_step(
 #: Factors up to this size get a dense ``F F^T`` cache whatever their structure (T > 1), and
 #: their statistics from a dense ``X^T X`` when there are more rows than columns.
 DENSE_GRAM_MAX = 256
+
+
+def _diagonal_step(
+    K: Diagonal,
+    C: Diagonal,
+    H_K: Diagonal,
+    H_C: Diagonal,
+    m_K: Diagonal | None,
+    m_C: Diagonal | None,
+    damping: float,
+    alpha1: float,
+    lr_cov: float,
+    kfac_like: bool,
+    normalize_lr_cov: bool,
+    half: float,
+    scale_K: float,
+    scale_C: float,
+) -> tuple[Diagonal, Diagonal, Diagonal | None, Diagonal | None]:
+    """:func:`riemannian_step` for diagonal K and C on their vectors (all elementwise)."""
+    k, c, hk, hc = K.diag, C.diag, H_K.diag, H_C.diag
+    k2, c2 = k * k, c * c  # Pi(K^T K), Pi(C^T C)
+    if kfac_like:
+        wk, wc = half * scale_K, half * scale_C
+        dk = dc = damping * half
+    else:
+        both = half * scale_K * scale_C
+        # [avgtr(H_C), avgtr(H_K), avgtr(C^T C), avgtr(K^T K)] in one stacked reduction
+        tr = torch.stack([hc.mean(), hk.mean(), c2.mean(), k2.mean()])
+        tr = tr * torch.tensor([both, both, damping * half, damping * half], dtype=tr.dtype)
+        wk, wc, dk, dc = tr.unbind()
+    if kfac_like:
+        mh_k = hk.mul_(wk).add_(k2, alpha=dk)
+        mh_c = hc.mul_(wc).add_(c2, alpha=dc)
+    else:
+        mh_k = hk.mul_(wk).addcmul_(k2, dk)
+        mh_c = hc.mul_(wc).addcmul_(c2, dc)
+    mh_k.sub_(half)
+    mh_c.sub_(half)
+    if alpha1 > 0.0 and m_K is not None and m_C is not None:
+        new_k = m_K.diag.mul_(alpha1).add_(mh_k)
+        new_c = m_C.diag.mul_(alpha1).add_(mh_c)
+    else:
+        new_k, new_c = mh_k, mh_c
+        m_K = m_C = None
+    for f, m in ((k, new_k), (c, new_c)):
+        step = f * m  # K m_K
+        if normalize_lr_cov:
+            beta = lr_cov / torch.clamp(m.abs().max().float(), min=1.0)
+            f.sub_(step.mul_(beta.to(f.dtype)))
+        else:
+            f.sub_(step, alpha=lr_cov)
+    return K, C, m_K, m_C
 
 
 def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
