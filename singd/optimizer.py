@@ -195,10 +195,26 @@ def _conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) ->
     return sq, rows
 
 
-def _conv_grad_square_sums(grad_output: Tensor, dtype: torch.dtype) -> Tensor:
-    """Column sums of squares of a Conv2d's ``expand`` gradient rows."""
-    g = (grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)).to(dtype)
-    return g.square().sum((0, 2, 3))
+def _input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """Column sums of squares of a layer's ``expand`` input rows (ones column included) and
+    the row count, without building the rows (Conv2d: see :func:`_conv_input_square_sums`)."""
+    if isinstance(module, nn.Conv2d):
+        return _conv_input_square_sums(module, x, dtype)
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    rows = x.shape[0]
+    sq = (x * x).sum(0)
+    if module.bias is not None:
+        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
+    return sq, rows
+
+
+def _grad_square_sums(module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
+    """Column sums of squares of a layer's ``expand`` gradient rows."""
+    if isinstance(module, nn.Conv2d):
+        g = (grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)).to(dtype)
+        return g.square().sum((0, 2, 3))
+    g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
+    return (g * g).sum(0)
 
 
 def _materialize(S: StructuredMatrix, scale: float, dtype: torch.dtype) -> StructuredMatrix:
@@ -486,9 +502,9 @@ class SINGD(Optimizer):
         approx = group["kfac_approx"]
         with torch.no_grad():
             K = st.K
-            conv = approx == "expand" and isinstance(module, nn.Conv2d)
-            if conv and isinstance(K, Diagonal) and K.dtype in _FULL:
-                sq, rows = _conv_input_square_sums(module, x, K.dtype)
+            expand = approx == "expand"
+            if expand and type(K) is Diagonal and K.dtype in _FULL:
+                sq, rows = _input_square_sums(module, x, K.dtype)
                 term_K, w_K = diagonal_statistic(K, sq), 1.0
             elif K.dtype == torch.float16:  # mean of squares, accumulated in fp32
                 a = input_rows(module, x, approx)
@@ -506,8 +522,8 @@ class SINGD(Optimizer):
 
             n = loss_average_count(module, grad_output, group["loss_average"])
             C = st.C
-            if conv and isinstance(C, Diagonal) and C.dtype in _FULL:
-                sq = _conv_grad_square_sums(grad_output, C.dtype)
+            if expand and type(C) is Diagonal and C.dtype in _FULL:
+                sq = _grad_square_sums(module, grad_output, C.dtype)
                 term_C, w_C = diagonal_statistic(C, sq), 1.0
             elif C.dtype == torch.float16:  # scaled to max |g| = 1 so nothing overflows
                 g = grad_rows(module, grad_output, approx)
