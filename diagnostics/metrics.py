@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from singd.structures import BlockDiagonal, Dense, Diagonal
 from singd.views import FactorView
 
 #: Factors with a dimension above this get a cheap estimate instead of a full spectrum.
@@ -108,8 +109,6 @@ def factor_parts(matrix: object) -> tuple[str, list[torch.Tensor]]:
     The tensors may be the optimizer's own storage: read them, never write. Their
     Frobenius norm is the matrix's, and they hold a NaN/Inf exactly when the matrix does.
     """
-    from singd.structures import BlockDiagonal, Dense, Diagonal
-
     if isinstance(matrix, torch.Tensor):
         return "dense", [matrix.detach()]
     if isinstance(matrix, Diagonal):
