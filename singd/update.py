@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from singd.structures import BlockDiagonal, Dense, Diagonal, StructuredMatrix, Triangular
+from singd.structures import (
+    BlockDiagonal,
+    Dense,
+    Diagonal,
+    StructuredMatrix,
+    Triangular,
+    TriangularToeplitz,
+)
+from singd.structures import toeplitz as _toeplitz
 
 
 def _scaled(S: StructuredMatrix, factor: Tensor | float) -> StructuredMatrix:
@@ -231,9 +239,25 @@ def gram(F: StructuredMatrix, other_dim: int | None = None, T: int = 1) -> Gram 
     return None
 
 
+def _toeplitz_rows(F: TriangularToeplitz, R: Tensor) -> Tensor:
+    """``R F F^T`` for ``R`` of shape ``(n, d)`` by two FFT passes along its rows (no
+    transposed copies); ``F`` is large enough for its FFT path."""
+    ftype = _toeplitz._fft_dtype(R.dtype)
+    Y = F._fft_lower_rows(R.to(ftype), transpose=F.lower)  # (F^T R^T)^T
+    Y = F._fft_lower_rows(Y, transpose=not F.lower)  # (F F^T R^T)^T
+    return Y.to(R.dtype)
+
+
+def _fft_toeplitz(F: StructuredMatrix) -> bool:
+    """Whether ``F`` is a Toeplitz factor whose products run by FFT."""
+    return isinstance(F, TriangularToeplitz) and F.dim >= _toeplitz._DENSE_BELOW
+
+
 def _apply_left(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
     """``F F^T X`` for ``X`` of shape ``(d, n)``."""
     if P is None:
+        if _fft_toeplitz(F):
+            return _toeplitz_rows(F, X.T).T
         if isinstance(F, Diagonal):
             return F.diag.square().unsqueeze(1) * X
         if isinstance(F, (Dense, Triangular)):
@@ -249,6 +273,8 @@ def _apply_left(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
 def _apply_right(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
     """``X F F^T`` for ``X`` of shape ``(n, d)``."""
     if P is None:
+        if _fft_toeplitz(F):
+            return _toeplitz_rows(F, X)
         if isinstance(F, Diagonal):
             return X * F.diag.square()
         if isinstance(F, (Dense, Triangular)):

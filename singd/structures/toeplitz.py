@@ -14,6 +14,7 @@ precision inputs (CPU FFT refuses them) and in the input dtype otherwise.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -23,6 +24,26 @@ from singd.structures.base import Scalar, StructuredMatrix
 
 #: Sizes below which products use the dense ``d x d`` Toeplitz matrix (faster there).
 _DENSE_BELOW = 128
+
+
+@lru_cache(maxsize=16)
+def _offsets(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For a ``d x d`` matrix: ``max(i - j, 0)``, the mask ``i >= j`` and ``(i - j)[i >= j]``
+    (constants, cached so that the small dense paths do not rebuild them every call)."""
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable anywhere
+        idx = torch.arange(d, device=device)
+        offset = idx.unsqueeze(1) - idx.unsqueeze(0)
+        keep = offset >= 0
+        return offset.clamp(min=0), keep, offset[keep]
+
+
+@lru_cache(maxsize=32)
+def _pi_weights(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[1/d, 2/(d-1), ..., 2/1]``: the weights of :meth:`TriangularToeplitz._project`."""
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable anywhere
+        weights = torch.arange(d, 0, -1, dtype=dtype, device=device).reciprocal_().mul_(2)
+        weights[0] = 0.5 * weights[0]
+        return weights
 
 
 def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,29 +85,23 @@ class TriangularToeplitz(StructuredMatrix):
         (averaged over its ``d - k`` entries): ``t_0 = D_0 / d``, ``t_k = 2 D_k / (d - k)``.
         """
         d = diag_sums.shape[0]
-        weights = torch.arange(d, 0, -1, dtype=diag_sums.dtype, device=diag_sums.device)
-        weights = weights.reciprocal_().mul_(2)
-        weights[0] = 0.5 * weights[0]
+        weights = _pi_weights(d, diag_sums.dtype, diag_sums.device)
         return cls._wrap(d, (diag_sums * weights).to(dtype))
 
     @classmethod
     def _from_dense(cls, mat: Tensor) -> TriangularToeplitz:
         d = mat.shape[0]
         side = mat if cls.lower else mat.T
-        idx = torch.arange(d, device=mat.device)
-        offset = idx.unsqueeze(1) - idx.unsqueeze(0)  # i - j
-        keep = offset >= 0
+        _, keep, kept_offsets = _offsets(d, mat.device)  # i - j where i >= j
         sums = torch.zeros(d, dtype=_fft_dtype(mat.dtype), device=mat.device)
-        sums.index_add_(0, offset[keep], side[keep].to(sums.dtype))
+        sums.index_add_(0, kept_offsets, side[keep].to(sums.dtype))
         return cls._project(sums, mat.dtype)
 
     # ------------------------------------------------------------------ helpers
     def _dense_lower(self) -> Tensor:
         """The dense lower triangular Toeplitz matrix with coefficients ``t``."""
-        d = self.dim
-        idx = torch.arange(d, device=self.t.device)
-        offset = idx.unsqueeze(1) - idx.unsqueeze(0)
-        return torch.where(offset >= 0, self.t[offset.clamp_(min=0)], 0)
+        offset, keep, _ = _offsets(self.dim, self.t.device)
+        return torch.where(keep, self.t[offset], 0)
 
     def _fft_lower_rows(self, Xt: Tensor, transpose: bool) -> Tensor:
         """``(L X)^T`` or ``(L^T X)^T`` by FFT, given ``Xt = X^T`` contiguous in the FFT dtype.
