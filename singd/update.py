@@ -26,6 +26,7 @@ from singd.structures import (
     TriangularToeplitz,
 )
 from singd.structures import toeplitz as _toeplitz
+from singd.structures.base import symmetric_gram
 
 
 def _scaled(S: StructuredMatrix, factor: Tensor | float) -> StructuredMatrix:
@@ -180,7 +181,7 @@ def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """
     if rows.shape[0] > F.dim:
         if isinstance(F, (Dense, Triangular)):
-            A = rows.T @ rows
+            A = symmetric_gram(rows)
             M = F.mat.T @ A @ F.mat
             return Dense(M) if isinstance(F, Dense) else type(F).from_dense(M)
         if F.dim <= DENSE_GRAM_MAX and not isinstance(F, (Diagonal, BlockDiagonal)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from singd.structures.base import Scalar, StructuredMatrix
+from singd.structures.base import Scalar, StructuredMatrix, symmetric_gram
 
 
 class Dense(StructuredMatrix):
@@ -53,8 +53,7 @@ class Dense(StructuredMatrix):
         return self.mat.T @ X
 
     def _from_inner(self, X: Tensor) -> Dense:
-        Y = self.mat.T @ X
-        return self._project(Y @ Y.T)
+        return self._project(symmetric_gram(X.T @ self.mat))
 
     def _from_inner_eye(self) -> Dense:
-        return self._project(self.mat.T @ self.mat)
+        return self._project(symmetric_gram(self.mat))

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from singd.structures.base import Scalar, StructuredMatrix
+from singd.structures.base import Scalar, StructuredMatrix, symmetric_gram
 
 
 class Triangular(StructuredMatrix):
@@ -74,11 +74,10 @@ class Triangular(StructuredMatrix):
         return self.mat.T @ X
 
     def _from_inner(self, X: Tensor) -> Triangular:
-        Y = self.mat.T @ X
-        return self._project(Y @ Y.T)
+        return self._project(symmetric_gram(X.T @ self.mat))
 
     def _from_inner_eye(self) -> Triangular:
-        return self._project(self.mat.T @ self.mat)
+        return self._project(symmetric_gram(self.mat))
 
 
 class Tril(Triangular):
