@@ -31,10 +31,13 @@ from singd.capture import (
 )
 from singd.distributed import default_reducer
 from singd.structures import FORMS, BlockDiagonal, Diagonal, StructuredMatrix, structure
+from singd.structures.base import symmetric_gram
 from singd.update import (
     Gram,
     diagonal_statistic,
     gram,
+    gram_route,
+    gram_statistic,
     heavy_ball_,
     inner_statistic,
     precondition,
@@ -193,6 +196,37 @@ def _conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) ->
     if module.bias is not None:
         sq = torch.cat([sq, sq.new_full((1,), float(rows))])
     return sq, rows
+
+
+def _conv_input_gram(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """``a^T a`` of a Conv2d's ``expand`` input rows ``a`` (ones column included) and the
+    row count, from the unfolded patches in one transposed copy (no row matrix, no ones
+    column: its block is the column sums and the count)."""
+    x = (x if x.dim() == 4 else x.unsqueeze(0)).to(dtype)
+    patches = _conv_patches(module, x)  # (B, G * d, L)
+    B, _, L = patches.shape
+    G = module.groups
+    if G == 1:
+        X = patches.transpose(0, 1).reshape(patches.shape[1], B * L)
+    else:
+        X = patches.reshape(B, G, -1, L).permute(2, 0, 3, 1).reshape(-1, B * L * G)
+    d, rows = X.shape
+    core = symmetric_gram(X.T)
+    if module.bias is None:
+        return core, rows
+    A = core.new_empty(d + 1, d + 1)
+    A[:d, :d] = core
+    sums = X.sum(1)
+    A[:d, d] = sums
+    A[d, :d] = sums
+    A[d, d] = rows
+    return A, rows
+
+
+def _conv_row_count(module: nn.Conv2d, grad_output: Tensor) -> int:
+    """Number of ``expand`` rows of a Conv2d: samples x output positions x groups."""
+    g = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)
+    return g.shape[0] * g.shape[2] * g.shape[3] * module.groups
 
 
 def _input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
@@ -506,6 +540,15 @@ class SINGD(Optimizer):
             if expand and type(K) is Diagonal and K.dtype in _FULL:
                 sq, rows = _input_square_sums(module, x, K.dtype)
                 term_K, w_K = diagonal_statistic(K, sq), 1.0
+            elif (
+                expand
+                and isinstance(module, nn.Conv2d)
+                and K.dtype in _FULL
+                and gram_route(K)
+                and _conv_row_count(module, grad_output) > K.dim
+            ):
+                A, rows = _conv_input_gram(module, x, K.dtype)
+                term_K, w_K = gram_statistic(K, A), 1.0
             elif K.dtype == torch.float16:  # mean of squares, accumulated in fp32
                 a = input_rows(module, x, approx)
                 rows = a.shape[0]

@@ -175,21 +175,33 @@ def _diagonal_step(
 def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     """``Pi(F^T X^T X F)`` for data ``X = rows`` of shape ``(R, dim)``, in F's dtype.
 
-    Dense-storage factors (dense, tril, triu) with ``R > dim`` form ``X^T X`` first
-    (``2 R d^2 + 4 d^3`` instead of ``4 R d^2`` flops); every other case is
+    With ``R > dim`` the factors of :func:`gram_route` form ``X^T X`` first (dense storage:
+    ``2 R d^2 + 4 d^3`` instead of ``4 R d^2`` flops); every other case is
     ``F.from_inner(X^T)``, which never forms a ``d x d`` matrix for sparse structures.
     """
-    if rows.shape[0] > F.dim:
-        if isinstance(F, (Dense, Triangular)):
-            A = symmetric_gram(rows)
-            M = F.mat.T @ A @ F.mat
-            return Dense(M) if isinstance(F, Dense) else type(F).from_dense(M)
-        if F.dim <= DENSE_GRAM_MAX and not isinstance(F, (Diagonal, BlockDiagonal)):
-            # small hierarchical / Toeplitz factor, many rows (conv layers): one BLAS Gram
-            # and a d x d projection beat the structured row products (Toeplitz: 4x)
-            Fd = F.to_dense()
-            return F._from_dense(Fd.T @ (rows.T @ rows) @ Fd)
+    if rows.shape[0] > F.dim and gram_route(F):
+        return gram_statistic(F, symmetric_gram(rows))
     return F.from_inner(rows.T)
+
+
+def gram_route(F: StructuredMatrix) -> bool:
+    """Whether ``Pi(F^T X^T X F)`` is cheaper from ``X^T X`` when X has more rows than
+    columns: dense-storage factors, and hierarchical / Toeplitz factors up to
+    ``DENSE_GRAM_MAX`` (one BLAS Gram and a ``d x d`` projection beat their structured row
+    products; Toeplitz conv statistics 4x)."""
+    if isinstance(F, (Dense, Triangular)):
+        return True
+    return F.dim <= DENSE_GRAM_MAX and not isinstance(F, (Diagonal, BlockDiagonal))
+
+
+def gram_statistic(F: StructuredMatrix, A: Tensor) -> StructuredMatrix:
+    """``Pi(F^T A F)`` for a symmetric ``A = X^T X`` (factors where :func:`gram_route`)."""
+    if isinstance(F, Dense):
+        return Dense._wrap(F.dim, F.mat.T @ A @ F.mat)
+    if isinstance(F, Triangular):
+        return type(F)._from_dense(F.mat.T @ A @ F.mat)
+    Fd = F.to_dense()
+    return F._from_dense(Fd.T @ A @ Fd)
 
 
 def diagonal_statistic(F: Diagonal, square_sums: Tensor) -> Diagonal:
