@@ -199,7 +199,7 @@ def gram_statistic(F: StructuredMatrix, A: Tensor) -> StructuredMatrix:
     if isinstance(F, Dense):
         return Dense._wrap(F.dim, F.mat.T @ A @ F.mat)
     if isinstance(F, Triangular):
-        return type(F)._from_dense(F.mat.T @ A @ F.mat)
+        return type(F)._project(F.mat.T @ A @ F.mat)
     Fd = F.to_dense()
     return F._from_dense(Fd.T @ A @ Fd)
 

@@ -6,11 +6,23 @@ so products are plain BLAS calls; ``numel()`` counts the free entries of the pat
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from singd.structures.base import Scalar, StructuredMatrix, symmetric_gram
+
+
+@lru_cache(maxsize=32)
+def _pi_mask(d: int, lower: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """2 on the one-sided entries of the triangle, 1 on the diagonal, 0 elsewhere."""
+    with torch.inference_mode(False), torch.no_grad():  # plain tensor, usable anywhere
+        full = torch.full((d, d), 2.0, dtype=dtype, device=device)
+        mask = full.tril_() if lower else full.triu_()
+        mask.diagonal().fill_(1.0)
+        return mask
 
 
 class Triangular(StructuredMatrix):
@@ -40,10 +52,9 @@ class Triangular(StructuredMatrix):
     @classmethod
     def _project(cls, sym: Tensor) -> Triangular:
         """Pi for a triangle, in place on a fresh symmetric tensor: keep the triangle,
-        doubling the one-sided off-diagonal entries."""
-        (sym.tril_() if cls.lower else sym.triu_()).mul_(2)
-        sym.diagonal().mul_(0.5)
-        return cls._wrap(sym.shape[0], sym)
+        doubling the one-sided off-diagonal entries (one product with a cached weight mask)."""
+        d = sym.shape[0]
+        return cls._wrap(d, sym.mul_(_pi_mask(d, cls.lower, sym.dtype, sym.device)))
 
     @classmethod
     def _from_dense(cls, mat: Tensor) -> Triangular:
