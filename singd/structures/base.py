@@ -333,8 +333,8 @@ _GRAM_BLOCKS_FROM = 256
 
 
 def symmetric_gram(Y: Tensor) -> Tensor:
-    """``Y^T Y`` for ``Y`` of shape ``(n, d)``, exactly symmetric; for ``d >= 256`` by three
-    block products instead of the four of a full product (3/4 of the flops)."""
+    """``Y^T Y`` for ``Y`` of shape ``(n, d)``; for ``d >= 256`` by three block products
+    instead of the four of a full product (3/4 of the flops, off-diagonal blocks mirrored)."""
     d = Y.shape[1]
     if d < _GRAM_BLOCKS_FROM:
         return Y.T @ Y

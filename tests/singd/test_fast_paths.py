@@ -1,0 +1,74 @@
+"""Speed shortcuts (conv statistics, block Grams, row-wise Toeplitz products) agree with the
+plain computation they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from singd.capture import input_rows
+from singd.optimizer import (
+    _conv_input_gram,
+    _conv_input_square_sums,
+    _conv_row_count,
+    _grad_square_sums,
+)
+from singd.structures import structure
+from singd.structures.base import symmetric_gram
+from singd.update import precondition
+
+CONVS = {
+    "same_reflect": dict(in_channels=4, out_channels=6, kernel_size=3, padding="same",
+                         padding_mode="reflect"),
+    "strided_dilated_groups_nobias": dict(in_channels=4, out_channels=6, kernel_size=(2, 3),
+                                          stride=2, dilation=2, groups=2, bias=False),
+    "circular_depthwise": dict(in_channels=4, out_channels=4, kernel_size=3, padding=1,
+                               padding_mode="circular", groups=4),
+    "pointwise": dict(in_channels=3, out_channels=5, kernel_size=1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("cfg", CONVS.values(), ids=CONVS.keys())
+def test_conv_gram_and_square_sums_equal_those_of_the_unfolded_rows(cfg, batched):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**cfg).double()
+    shape = (5, cfg["in_channels"], 9, 7) if batched else (cfg["in_channels"], 9, 7)
+    x = torch.randn(shape, dtype=torch.float64)
+    rows = input_rows(conv, x)
+    gram, count = _conv_input_gram(conv, x, torch.float64)
+    sums, count2 = _conv_input_square_sums(conv, x, torch.float64)
+    grad_output = torch.randn_like(conv(x))
+    assert count == count2 == rows.shape[0] == _conv_row_count(conv, grad_output)
+    torch.testing.assert_close(gram, rows.T @ rows)
+    torch.testing.assert_close(sums, (rows * rows).sum(0))
+    g = grad_output if batched else grad_output.unsqueeze(0)
+    g_rows = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+    torch.testing.assert_close(_grad_square_sums(conv, grad_output, torch.float64),
+                               (g_rows * g_rows).sum(0))  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [5, 255, 256, 301])
+def test_symmetric_gram_equals_the_full_product(width):
+    torch.manual_seed(0)
+    Y = torch.randn(40, width, dtype=torch.float64)
+    out = symmetric_gram(Y)
+    torch.testing.assert_close(out, Y.T @ Y)
+    if width >= 256:  # block path: the off-diagonal blocks are mirrored copies
+        h = (width + 1) // 2
+        assert torch.equal(out[h:, :h], out[:h, h:].T)
+
+
+@pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
+def test_toeplitz_preconditioning_by_row_ffts_matches_dense_products(name):
+    torch.manual_seed(0)
+    S = structure(name)
+    K, C = S.eye(200, torch.float64), S.eye(150, torch.float64)
+    K.t.normal_()
+    C.t.normal_()
+    G = torch.randn(150, 200, dtype=torch.float64)
+    Kd, Cd = K.to_dense(), C.to_dense()
+    expected = Cd @ Cd.T @ G @ Kd @ Kd.T
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(precondition(G, K, C), expected, rtol=1e-9, atol=1e-9 * scale)
