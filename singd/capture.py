@@ -20,8 +20,10 @@ are left to the caller, which knows how several backward passes are combined.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -254,6 +256,19 @@ def loss_average_count(module: nn.Module, grad_output: Tensor, loss_average: str
 # ---------------------------------------------------------------------- hooks
 #: ``callback(layer_name, layer_input, grad_output)``, called inside backward.
 CaptureCallback = Callable[[str, Tensor, Tensor], None]
+
+
+def weak_method(method: Callable[..., None]) -> Callable[..., None]:
+    """A callback that calls a bound method through a weak reference (a no-op once its
+    object is gone), so hooks never keep an optimizer alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            target(*args)
+
+    return call
 
 
 class Capture:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -53,48 +53,20 @@ from singd.capture import (
     grad_rows,
     input_rows,
     loss_average_count,
+    weak_method,
 )
+from singd.dtypes import FLOAT_DTYPES, resolve_dtype
 from singd.update import heavy_ball_
 from singd.views import FactorView, LayerFactors
 
 INVERSE_METHODS = ("cholesky", "eigh")
 INVERSE_FAILURE_POLICIES = ("upcast", "raise")
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 _FACTORS = ("A", "G")
-
-
-def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
-    """Call a bound method through a weak reference (a no-op once its object is gone)."""
-    ref = weakref.WeakMethod(method)
-
-    def call(*args: Any) -> None:
-        target = ref()
-        if target is not None:
-            target(*args)
-
-    return call
 
 
 class KFACInverseError(RuntimeError):
     """A Kronecker factor could not be inverted: its dtype failed and upcasting was not
     allowed (``on_inverse_failure="raise"``), or the upcast inverse failed as well."""
-
-
-def _resolve_dtype(value: Any, arg: str) -> torch.dtype | None:
-    """A floating torch dtype from ``None``, a ``torch.dtype`` or its name."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value in _DTYPE_NAMES:
-        return _DTYPE_NAMES[value]
-    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES.values():
-        return value
-    valid = ", ".join(["None", *_DTYPE_NAMES, *(f"torch.{n}" for n in _DTYPE_NAMES)])
-    raise ValueError(f"{arg} must be one of {valid}; got {value!r}")
 
 
 def _try_inverse(factor: Tensor, damping: float, method: str, dtype: torch.dtype) -> Tensor:
@@ -253,7 +225,7 @@ class KFAC(Optimizer):
         # The hooks reach the optimizer through a weak reference and are removed when it is
         # collected, so a model outliving its KFAC does no statistics work for it.
         self._capture = Capture(
-            {n: lay.module for n, lay in self._layers.items()}, _weak_method(self._on_capture)
+            {n: lay.module for n, lay in self._layers.items()}, weak_method(self._on_capture)
         )
         weakref.finalize(self, self._capture.detach)
         self._attach_capture()
@@ -283,8 +255,8 @@ class KFAC(Optimizer):
         ):
             if h[key] not in valid:
                 raise ValueError(f"{key} must be one of {valid}; got {h[key]!r}")
-        _resolve_dtype(h["factor_dtype"], "factor_dtype")
-        _resolve_dtype(h["inverse_dtype"], "inverse_dtype")
+        resolve_dtype(h["factor_dtype"], "factor_dtype")
+        resolve_dtype(h["inverse_dtype"], "inverse_dtype")
 
     # ------------------------------------------------------------------ capture
     def _attach_capture(self) -> None:
@@ -316,8 +288,8 @@ class KFAC(Optimizer):
     def _layer_state(self, layer: Layer, group: dict) -> dict[str, Any]:
         state = self.state[layer.weight]
         if "A" not in state:
-            fdt = _resolve_dtype(group["factor_dtype"], "factor_dtype") or layer.weight.dtype
-            idt = _resolve_dtype(group["inverse_dtype"], "inverse_dtype") or fdt
+            fdt = resolve_dtype(group["factor_dtype"], "factor_dtype") or layer.weight.dtype
+            idt = resolve_dtype(group["inverse_dtype"], "inverse_dtype") or fdt
             dev = layer.weight.device
             for f, d in (("A", layer.in_dim), ("G", layer.out_dim)):
                 state[f] = torch.eye(d, dtype=fdt, device=dev)
@@ -333,7 +305,7 @@ class KFAC(Optimizer):
         state = self._layer_state(layer, group)
         rho = group["ema_decay"] if state["factor_updates"] > 0 else 0.0
         stats = {"A": aat, "G": ggt / stat_scale**2 if stat_scale != 1.0 else ggt}
-        idt = _resolve_dtype(group["inverse_dtype"], "inverse_dtype")
+        idt = resolve_dtype(group["inverse_dtype"], "inverse_dtype")
         for f in _FACTORS:
             new = stats[f].to(state[f].dtype)
             state[f].mul_(rho).add_(new, alpha=1 - rho)
@@ -445,7 +417,7 @@ class KFAC(Optimizer):
                     comps[f] = nbytes(state[f])
                     comps[f"{f}_inv"] = nbytes(state[f"{f}_inv"])
                     if f"{f}_upcast_dtype" in state:
-                        up = _DTYPE_NAMES[state[f"{f}_upcast_dtype"]]
+                        up = FLOAT_DTYPES[state[f"{f}_upcast_dtype"]]
                         comps[f"{f}_upcast"] = state[f].numel() * torch.finfo(up).bits // 8
             mom = sum(
                 nbytes(self.state[p]["momentum_buffer"])

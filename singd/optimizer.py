@@ -28,8 +28,10 @@ from singd.capture import (
     input_rows,
     loss_average_count,
     unwrap_model,
+    weak_method,
 )
 from singd.distributed import default_reducer
+from singd.dtypes import FLOAT_DTYPES, resolve_dtype
 from singd.structures import FORMS, BlockDiagonal, Diagonal, StructuredMatrix, structure
 from singd.structures.base import symmetric_gram
 from singd.update import (
@@ -64,8 +66,6 @@ DEFAULTS: dict[str, Any] = {
     "loss_average": "batch",
 }
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in _FLOAT_DTYPES}
 _CALLABLE = "<callable: not saved>"
 
 
@@ -128,19 +128,11 @@ def validate_hyperparameters(h: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(dtypes, (tuple, list)) or len(dtypes) != 2:
         raise ValueError(
             f"preconditioner_dtype must be a pair (dtype of K, dtype of C) of None or one of "
-            f"{list(_DTYPE_NAMES)}, got {dtypes!r}"
+            f"{list(FLOAT_DTYPES)}, got {dtypes!r}"
         )
-    parsed = []
-    for d in dtypes:
-        if isinstance(d, str) and d in _DTYPE_NAMES:
-            d = _DTYPE_NAMES[d]
-        if d is not None and d not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"preconditioner_dtype entries must be None or one of {list(_DTYPE_NAMES)}, "
-                f"got {d!r}"
-            )
-        parsed.append(d)
-    h["preconditioner_dtype"] = tuple(parsed)
+    h["preconditioner_dtype"] = tuple(
+        resolve_dtype(d, "preconditioner_dtype entries") for d in dtypes
+    )
     for key in ("kfac_like", "normalize_lr_cov", "warn_unsupported"):
         if not isinstance(h[key], bool):
             raise ValueError(f"{key} must be True or False, got {h[key]!r}")
@@ -168,18 +160,6 @@ class _Accumulator:
     def value_and_scale(self, factor: float) -> tuple[StructuredMatrix, float]:
         """``(acc, s)`` with ``s * acc`` the statistic times ``factor`` (no copy, no op)."""
         return self.acc, factor * self.coef
-
-
-def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
-    """A function calling a bound method through a weak reference (no-op once it is gone)."""
-    ref = weakref.WeakMethod(method)
-
-    def call(*args: Any) -> None:
-        target = ref()
-        if target is not None:
-            target(*args)
-
-    return call
 
 
 _FULL = (torch.float32, torch.float64)
@@ -392,7 +372,7 @@ class SINGD(Optimizer):
         # the hooks hold the optimizer weakly and disappear with it
         self._capture = Capture(
             {name: st.layer.module for name, st in self._layers.items()},
-            _weak_callback(self._on_backward),
+            weak_method(self._on_backward),
         )
         weakref.finalize(self, self._capture.detach)
         self._ready = True
@@ -925,8 +905,7 @@ class SINGD(Optimizer):
                 g["lr_cov"] = old["lr_cov"]
             g["structures"] = tuple(g["structures"])
             g["preconditioner_dtype"] = tuple(
-                None if d is None else _DTYPE_NAMES[d] if isinstance(d, str) else d
-                for d in g["preconditioner_dtype"]
+                resolve_dtype(d, "preconditioner_dtype") for d in g["preconditioner_dtype"]
             )
         # layer states point at the (new) group dicts
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
