@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from results_md import write_section
 from torch import nn
 
 from singd import SINGD
@@ -285,7 +286,6 @@ def report(one: dict, two: dict, threads: int) -> str:
     """Markdown body of the RESULTS.md section."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
-        SECTION,
         "Command: `.venv/bin/python benchmarks/ddp.py --write benchmarks/RESULTS.md` "
         f"(torch {torch.__version__}, gloo on CPU, {threads} thread(s) per rank, "
         f"{platform.machine()} CPU, {os.cpu_count()} cores shared, load average {load:.1f} at "
@@ -371,19 +371,6 @@ def report(one: dict, two: dict, threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        rest = text[nxt + 1 :] if nxt >= 0 else ""
-        text = text[:start] + body + ("\n" + rest if rest else "")
-    path.write_text(text)
-
-
 def main() -> None:
     """Run both world sizes and print (or write) the section."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -395,7 +382,7 @@ def main() -> None:
     body = report(one, two, args.threads)
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, body)
 
 
 if __name__ == "__main__":

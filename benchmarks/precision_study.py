@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from results_md import write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
@@ -493,22 +495,6 @@ def findings(summary: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the body of SECTION in ``path`` (append the section when missing)."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n" + body
-    else:
-        body_start = start + len(SECTION) + 1
-        nxt = text.find("\n## ", body_start)
-        end = len(text) if nxt < 0 else nxt + 1
-        text = text[:body_start] + body + ("\n" if nxt >= 0 else "") + text[end:]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the study; returns ``{"summary": [...], "rows": [...], "markdown": str}``."""
@@ -534,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         markdown = render(summary, saved["meta"])
         if not args.no_write:
-            write_section(args.results, markdown)
+            write_section(args.results, SECTION, markdown)
         print(markdown)
         return {"summary": summary, "rows": rows, "markdown": markdown, "meta": saved["meta"]}
     seeds = args.seeds or (1 if args.quick else 3)
@@ -593,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             json.dumps({"meta": meta, "summary": summary, "rows": tuning + seed_rows}, indent=1)
             + "\n"
         )
-        write_section(args.results, markdown)
+        write_section(args.results, SECTION, markdown)
     print(markdown)
     return {"summary": summary, "rows": tuning + seed_rows, "markdown": markdown, "meta": meta}
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from results_md import write_section
 from torch import nn
 
 from singd import SINGD
@@ -281,21 +282,6 @@ def main() -> None:
     print(text)
     if args.write:
         write_section(args.write, "## Optimizer step time", text)
-
-
-def write_section(path: str, heading: str, body: str) -> None:
-    """Replace (or append) the body under ``heading`` in a markdown file."""
-    with open(path) as f:
-        content = f.read()
-    start = content.find(heading + "\n")
-    if start < 0:
-        content = content.rstrip() + f"\n\n{heading}\n{body}"
-    else:
-        nxt = content.find("\n## ", start + len(heading))
-        end = len(content) if nxt < 0 else nxt + 1
-        content = content[:start] + f"{heading}\n{body}\n" + content[end:]
-    with open(path, "w") as f:
-        f.write(content)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from results_md import write_section
 from torch.profiler import ProfilerActivity, profile
 
 from singd.structures import structure
@@ -176,20 +177,6 @@ def markdown(rows: list[dict], claims: dict[str, float], args: argparse.Namespac
     return "\n".join(out)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the body of this benchmark's section in ``path`` (create file/section if needed)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION in text:
-        start = text.index(SECTION) + len(SECTION)
-        nxt = text.find("\n## ", start)
-        end = len(text) if nxt < 0 else nxt + 1
-        gap = "\n" if nxt >= 0 else ""
-        text = text[:start] + "\n" + body.strip("\n") + "\n" + gap + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n" + body.strip("\n") + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the measurements and optionally write the RESULTS section."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -207,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     body = markdown(rows, claims, args)
     print(body)
     if args.write is not None:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, body)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def study():
+    # the scripts import their sibling results_md, as `python benchmarks/x.py` would find it
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(
         "precision_study", ROOT / "benchmarks" / "precision_study.py"
     )
@@ -48,11 +51,11 @@ def test_write_section_replaces_only_its_own_section(study, tmp_path):
     path.write_text(
         "# Results\n\n## Other\nkeep me\n\n## Half-precision study\nold\n\n## Last\nx\n"
     )
-    study.write_section(path, "\nnew body\n")
+    study.write_section(path, study.SECTION, "\nnew body\n")
     text = path.read_text()
     assert "keep me" in text and "## Last\nx" in text and "new body" in text
     assert "old" not in text
-    study.write_section(path, "\nnewer\n")
+    study.write_section(path, study.SECTION, "\nnewer\n")
     assert path.read_text().count("## Half-precision study") == 1
 
 
