@@ -17,9 +17,11 @@ import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -247,23 +249,12 @@ class Recording:
             if not isinstance(df, pd.DataFrame):
                 raise TypeError(f"Recording.{fname} must be a pandas DataFrame")
             body["frames"][fname] = _encode_frame(df, fname, arrays)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                    zf.writestr(_HEADER, json.dumps({"format": FORMAT, "version": VERSION}))
-                    zf.writestr(_BODY, json.dumps(body, allow_nan=True))
-                    for member, data in arrays.items():
-                        zf.writestr(member, data)
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.chmod(tmp, file_mode())  # mkstemp makes 0600; a saved file is a normal file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(_HEADER, json.dumps({"format": FORMAT, "version": VERSION}))
+                zf.writestr(_BODY, json.dumps(body, allow_nan=True))
+                for member, data in arrays.items():
+                    zf.writestr(member, data)
         return path
 
     @classmethod
@@ -298,6 +289,25 @@ class Recording:
         except (KeyError, TypeError, json.JSONDecodeError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{str(path)!r} is a damaged singd-lab recording ({err!r})") from err
         return cls(name=body["name"], meta=body["meta"], summary=body["summary"], **frames)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success fsync it and move it over ``path``
+    with normal permissions (`file_mode`), on any error remove it: ``path`` is never partial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a written file is a normal file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def file_mode() -> int:

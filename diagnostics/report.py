@@ -11,7 +11,6 @@ import datetime as _dt
 import html
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from diagnostics.figures import _human_bytes, all_figures, as_recordings
-from diagnostics.recording import Recording, file_mode
+from diagnostics.recording import Recording, atomic_file
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em;
@@ -215,17 +214,8 @@ def report(recordings: Any, path: str | os.PathLike, *, title: str = "singd-lab 
     recs = as_recordings(_load_paths(recordings))
     text = report_html(recs, title=title)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the report is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(text)
     return path
 
 
