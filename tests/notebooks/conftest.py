@@ -11,37 +11,34 @@ import pytest
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
-def _run_notebook(name: str, out: Path, **parameters: Any) -> dict[str, Any]:
-    """Run ``notebooks/<name>`` with ``parameters`` (out_dir=out); return its results.json."""
-    import papermill
+def _execute(name: str, out: Path, **parameters: Any) -> None:
+    """Run ``notebooks/<name>`` into ``out`` with ``parameters`` and ``out_dir=out``, as a
+    sweep would (`diagnostics.sweep.execute_notebook`)."""
+    from diagnostics.sweep import execute_notebook
 
     out.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(
-        str(NOTEBOOKS_DIR / name),
-        str(out / name),
+    execute_notebook(
+        NOTEBOOKS_DIR / name,
+        out / name,
         parameters={**parameters, "out_dir": str(out)},
         kernel_name="python3",
         cwd=str(NOTEBOOKS_DIR),
         progress_bar=False,
     )
+
+
+def _run_notebook(name: str, out: Path, **parameters: Any) -> dict[str, Any]:
+    """Run ``notebooks/<name>`` with ``parameters`` (out_dir=out); return its results.json."""
+    _execute(name, out, **parameters)
     return json.loads((out / "results.json").read_text())
 
 
 def _failing_run(name: str, out: Path, **parameters: Any) -> str:
     """Execute a notebook that must fail; return the error text ('ename: evalue')."""
-    import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    out.mkdir(parents=True, exist_ok=True)
     with pytest.raises(PapermillExecutionError) as info:
-        papermill.execute_notebook(
-            str(NOTEBOOKS_DIR / name),
-            str(out / name),
-            parameters={**parameters, "out_dir": str(out)},
-            kernel_name="python3",
-            cwd=str(NOTEBOOKS_DIR),
-            progress_bar=False,
-        )
+        _execute(name, out, **parameters)
     return f"{info.value.ename}: {info.value.evalue}"
 
 
