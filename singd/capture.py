@@ -8,7 +8,10 @@ Shared by :class:`singd.SINGD` and the KFAC baseline. Three parts:
   first-order fallback (and why).
 * :func:`input_rows`, :func:`grad_rows`, :func:`loss_average_count`: the pure row
   transforms (unfold, ``expand``/``reduce``, the ones column for a bias, the number of loss
-  terms ``n`` the loss was averaged over).
+  terms ``n`` the loss was averaged over), and their cheaper summaries for the ``expand``
+  case that skip building the rows: :func:`input_square_sums` / :func:`grad_square_sums`
+  (column sums of squares, all a diagonal factor needs) and :func:`conv_input_gram`
+  (``a^T a`` of a Conv2d straight from its patches).
 * :class:`Capture`: forward hooks that, while *attached* to a layer, register a tensor hook
   on the layer's output and call ``callback(name, input, grad_output)`` once per
   forward/backward pair. Tensor hooks registered before an in-place op on the output
@@ -28,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from singd.structures.base import symmetric_gram
 
 #: Valid values of ``kfac_approx``.
 KFAC_APPROXIMATIONS: tuple[str, ...] = ("expand", "reduce")
@@ -232,6 +237,72 @@ def grad_rows(module: nn.Module, grad_output: Tensor, kfac_approx: str = "expand
     if kfac_approx == "expand" or grad_output.dim() <= 2:
         return grad_output.reshape(-1, d_out)
     return grad_output.reshape(grad_output.shape[0], -1, d_out).sum(dim=1)
+
+
+def conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """Column sums of squares of a Conv2d's ``expand`` input rows (ones column included) and
+    the row count, from the patches of the batch-summed squared input: no per-sample unfold."""
+    x = (x if x.dim() == 4 else x.unsqueeze(0)).to(dtype)
+    patches = _conv_patches(module, x.square().sum(0, keepdim=True))  # (1, G * d, L)
+    G, L = module.groups, patches.shape[-1]
+    sq = patches.sum(-1).reshape(G, -1).sum(0)
+    rows = x.shape[0] * L * G
+    if module.bias is not None:
+        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
+    return sq, rows
+
+
+def conv_input_gram(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """``a^T a`` of a Conv2d's ``expand`` input rows ``a`` (ones column included) and the
+    row count, from the unfolded patches in one transposed copy (no row matrix, no ones
+    column: its block is the column sums and the count)."""
+    x = (x if x.dim() == 4 else x.unsqueeze(0)).to(dtype)
+    patches = _conv_patches(module, x)  # (B, G * d, L)
+    B, _, L = patches.shape
+    G = module.groups
+    if G == 1:
+        X = patches.transpose(0, 1).reshape(patches.shape[1], B * L)
+    else:
+        X = patches.reshape(B, G, -1, L).permute(2, 0, 3, 1).reshape(-1, B * L * G)
+    d, rows = X.shape
+    core = symmetric_gram(X.T)
+    if module.bias is None:
+        return core, rows
+    A = core.new_empty(d + 1, d + 1)
+    A[:d, :d] = core
+    sums = X.sum(1)
+    A[:d, d] = sums
+    A[d, :d] = sums
+    A[d, d] = rows
+    return A, rows
+
+
+def conv_row_count(module: nn.Conv2d, grad_output: Tensor) -> int:
+    """Number of ``expand`` rows of a Conv2d: samples x output positions x groups."""
+    g = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)
+    return g.shape[0] * g.shape[2] * g.shape[3] * module.groups
+
+
+def input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """Column sums of squares of a layer's ``expand`` input rows (ones column included) and
+    the row count, without building the rows (Conv2d: see :func:`conv_input_square_sums`)."""
+    if isinstance(module, nn.Conv2d):
+        return conv_input_square_sums(module, x, dtype)
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    rows = x.shape[0]
+    sq = (x * x).sum(0)
+    if module.bias is not None:
+        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
+    return sq, rows
+
+
+def grad_square_sums(module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
+    """Column sums of squares of a layer's ``expand`` gradient rows."""
+    if isinstance(module, nn.Conv2d):
+        g = (grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)).to(dtype)
+        return g.square().sum((0, 2, 3))
+    g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
+    return (g * g).sum(0)
 
 
 def loss_average_count(module: nn.Module, grad_output: Tensor, loss_average: str | None) -> int:

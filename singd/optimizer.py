@@ -22,10 +22,13 @@ from singd.capture import (
     LOSS_AVERAGES,
     Capture,
     Layer,
-    _conv_patches,
+    conv_input_gram,
+    conv_row_count,
     find_layers,
     grad_rows,
+    grad_square_sums,
     input_rows,
+    input_square_sums,
     loss_average_count,
     unwrap_model,
     weak_method,
@@ -33,7 +36,6 @@ from singd.capture import (
 from singd.distributed import default_reducer
 from singd.dtypes import FLOAT_DTYPES, resolve_dtype
 from singd.structures import FORMS, BlockDiagonal, Diagonal, StructuredMatrix, structure
-from singd.structures.base import symmetric_gram
 from singd.update import (
     Gram,
     diagonal_statistic,
@@ -163,72 +165,6 @@ class _Accumulator:
 
 
 _FULL = (torch.float32, torch.float64)
-
-
-def _conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """Column sums of squares of a Conv2d's ``expand`` input rows (ones column included) and
-    the row count, from the patches of the batch-summed squared input: no per-sample unfold."""
-    x = (x if x.dim() == 4 else x.unsqueeze(0)).to(dtype)
-    patches = _conv_patches(module, x.square().sum(0, keepdim=True))  # (1, G * d, L)
-    G, L = module.groups, patches.shape[-1]
-    sq = patches.sum(-1).reshape(G, -1).sum(0)
-    rows = x.shape[0] * L * G
-    if module.bias is not None:
-        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
-    return sq, rows
-
-
-def _conv_input_gram(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """``a^T a`` of a Conv2d's ``expand`` input rows ``a`` (ones column included) and the
-    row count, from the unfolded patches in one transposed copy (no row matrix, no ones
-    column: its block is the column sums and the count)."""
-    x = (x if x.dim() == 4 else x.unsqueeze(0)).to(dtype)
-    patches = _conv_patches(module, x)  # (B, G * d, L)
-    B, _, L = patches.shape
-    G = module.groups
-    if G == 1:
-        X = patches.transpose(0, 1).reshape(patches.shape[1], B * L)
-    else:
-        X = patches.reshape(B, G, -1, L).permute(2, 0, 3, 1).reshape(-1, B * L * G)
-    d, rows = X.shape
-    core = symmetric_gram(X.T)
-    if module.bias is None:
-        return core, rows
-    A = core.new_empty(d + 1, d + 1)
-    A[:d, :d] = core
-    sums = X.sum(1)
-    A[:d, d] = sums
-    A[d, :d] = sums
-    A[d, d] = rows
-    return A, rows
-
-
-def _conv_row_count(module: nn.Conv2d, grad_output: Tensor) -> int:
-    """Number of ``expand`` rows of a Conv2d: samples x output positions x groups."""
-    g = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)
-    return g.shape[0] * g.shape[2] * g.shape[3] * module.groups
-
-
-def _input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """Column sums of squares of a layer's ``expand`` input rows (ones column included) and
-    the row count, without building the rows (Conv2d: see :func:`_conv_input_square_sums`)."""
-    if isinstance(module, nn.Conv2d):
-        return _conv_input_square_sums(module, x, dtype)
-    x = x.reshape(-1, x.shape[-1]).to(dtype)
-    rows = x.shape[0]
-    sq = (x * x).sum(0)
-    if module.bias is not None:
-        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
-    return sq, rows
-
-
-def _grad_square_sums(module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
-    """Column sums of squares of a layer's ``expand`` gradient rows."""
-    if isinstance(module, nn.Conv2d):
-        g = (grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)).to(dtype)
-        return g.square().sum((0, 2, 3))
-    g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
-    return (g * g).sum(0)
 
 
 def _materialize(S: StructuredMatrix, scale: float, dtype: torch.dtype) -> StructuredMatrix:
@@ -518,16 +454,16 @@ class SINGD(Optimizer):
             K = st.K
             expand = approx == "expand"
             if expand and type(K) is Diagonal and K.dtype in _FULL:
-                sq, rows = _input_square_sums(module, x, K.dtype)
+                sq, rows = input_square_sums(module, x, K.dtype)
                 term_K, w_K = diagonal_statistic(K, sq), 1.0
             elif (
                 expand
                 and isinstance(module, nn.Conv2d)
                 and K.dtype in _FULL
                 and gram_route(K)
-                and _conv_row_count(module, grad_output) > K.dim
+                and conv_row_count(module, grad_output) > K.dim
             ):
-                A, rows = _conv_input_gram(module, x, K.dtype)
+                A, rows = conv_input_gram(module, x, K.dtype)
                 term_K, w_K = gram_statistic(K, A), 1.0
             elif K.dtype == torch.float16:  # mean of squares, accumulated in fp32
                 a = input_rows(module, x, approx)
@@ -546,7 +482,7 @@ class SINGD(Optimizer):
             n = loss_average_count(module, grad_output, group["loss_average"])
             C = st.C
             if expand and type(C) is Diagonal and C.dtype in _FULL:
-                sq = _grad_square_sums(module, grad_output, C.dtype)
+                sq = grad_square_sums(module, grad_output, C.dtype)
                 term_C, w_C = diagonal_statistic(C, sq), 1.0
             elif C.dtype == torch.float16:  # scaled to max |g| = 1 so nothing overflows
                 g = grad_rows(module, grad_output, approx)

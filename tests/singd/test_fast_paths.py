@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from singd.capture import input_rows
-from singd.optimizer import (
-    _conv_input_gram,
-    _conv_input_square_sums,
-    _conv_row_count,
-    _grad_square_sums,
+from singd.capture import (
+    conv_input_gram,
+    conv_input_square_sums,
+    conv_row_count,
+    grad_square_sums,
+    input_rows,
 )
 from singd.structures import structure
 from singd.structures.base import symmetric_gram
@@ -37,15 +37,15 @@ def test_conv_gram_and_square_sums_equal_those_of_the_unfolded_rows(cfg, batched
     shape = (5, cfg["in_channels"], 9, 7) if batched else (cfg["in_channels"], 9, 7)
     x = torch.randn(shape, dtype=torch.float64)
     rows = input_rows(conv, x)
-    gram, count = _conv_input_gram(conv, x, torch.float64)
-    sums, count2 = _conv_input_square_sums(conv, x, torch.float64)
+    gram, count = conv_input_gram(conv, x, torch.float64)
+    sums, count2 = conv_input_square_sums(conv, x, torch.float64)
     grad_output = torch.randn_like(conv(x))
-    assert count == count2 == rows.shape[0] == _conv_row_count(conv, grad_output)
+    assert count == count2 == rows.shape[0] == conv_row_count(conv, grad_output)
     torch.testing.assert_close(gram, rows.T @ rows)
     torch.testing.assert_close(sums, (rows * rows).sum(0))
     g = grad_output if batched else grad_output.unsqueeze(0)
     g_rows = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
-    torch.testing.assert_close(_grad_square_sums(conv, grad_output, torch.float64),
+    torch.testing.assert_close(grad_square_sums(conv, grad_output, torch.float64),
                                (g_rows * g_rows).sum(0))  # fmt: skip
 
 
