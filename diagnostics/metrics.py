@@ -465,8 +465,9 @@ def second_moment_summaries(items: list[tuple[torch.Tensor, float]]) -> list[dic
     return out
 
 
-def read_peak_rss() -> int | None:
-    """Peak resident set size of this process in bytes (Linux ``VmHWM``), or None elsewhere."""
+def read_status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (e.g. ``"VmRSS"``, ``"VmHWM"``) in bytes, or
+    None where there is no such file (systems other than Linux)."""
     try:
         fd = os.open(_STATUS, os.O_RDONLY)
         try:
@@ -475,11 +476,16 @@ def read_peak_rss() -> int | None:
             os.close(fd)
     except OSError:
         return None
-    start = data.find(b"VmHWM:")
+    start = data.find(field.encode() + b":")
     if start < 0:
         return None
     fields = data[start : data.find(b"\n", start)].split()
     return int(fields[1]) * 1024  # the kernel reports kB
+
+
+def read_peak_rss() -> int | None:
+    """Peak resident set size of this process in bytes (Linux ``VmHWM``), or None elsewhere."""
+    return read_status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> bool:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diagnostics import metrics as M
 from diagnostics.workloads import WORKLOADS, BatchLoader, DigitsData, build_model, load_digits_data
 
 #: Optimizer names accepted by :func:`train`.
@@ -168,23 +169,6 @@ def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
 
 
-def _read_status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
 def make_optimizer(
     name: str,
     model: nn.Module,
@@ -224,12 +208,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, dict[st
         return {k: dict(v) for k, v in optimizer.state_bytes().items()}
     out: dict[str, dict[str, int]] = {}
     for i, (_, state) in enumerate(optimizer.state.items()):
-        comps = {
-            k: v.numel() * v.element_size()
-            for k, v in state.items()
-            if isinstance(v, Tensor) and v.dim() > 0
-        }
-        out[f"param{i}"] = comps
+        out[f"param{i}"] = M.state_bytes_by_key(state)
     return out
 
 
@@ -441,10 +420,10 @@ def train(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _reset_peak_rss()
-    rss_start = (_read_status_kib("VmRSS") or 0) * 1024
+    M.reset_peak_rss()
+    rss_start = M.read_status_bytes("VmRSS") or 0
     step_times: list[float] = []
-    peak_rss = 0  # KiB, the maximum VmHWM read while training
+    peak_rss = 0  # bytes, the maximum VmHWM read while training
     t_start = time.perf_counter()
     step = 0
     try:
@@ -469,7 +448,7 @@ def train(
                     if on_nan == "stop":
                         result.stopped_early = True
                         if recorder is not None:  # the recorder sees the step it stopped at
-                            peak_rss = max(peak_rss, _read_status_kib("VmHWM") or 0)
+                            peak_rss = max(peak_rss, M.read_peak_rss() or 0)
                             recorder.step(loss=loss.detach())
                         break
                 try:
@@ -496,7 +475,7 @@ def train(
                 step_times.append(time.perf_counter() - t0)
                 if recorder is not None:
                     # the recorder resets the peak on its recorded steps: read it first
-                    peak_rss = max(peak_rss, _read_status_kib("VmHWM") or 0)
+                    peak_rss = max(peak_rss, M.read_peak_rss() or 0)
                     recorder.step(loss=loss.detach())
                 step += 1
                 if bar is not None:
@@ -511,14 +490,14 @@ def train(
         if bar is not None:
             bar.close()
         if recorder is not None:
-            peak_rss = max(peak_rss, _read_status_kib("VmHWM") or 0)
+            peak_rss = max(peak_rss, M.read_peak_rss() or 0)
             recorder.close()
     result.total_time = time.perf_counter() - t_start
     if device.type == "cuda":
         result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
         result.peak_memory_increase_bytes = result.peak_memory_bytes
     else:
-        peak = max(peak_rss, _read_status_kib("VmHWM") or 0) * 1024
+        peak = max(peak_rss, M.read_peak_rss() or 0)
         result.peak_memory_bytes = peak
         result.peak_memory_increase_bytes = max(0, peak - rss_start)
 
