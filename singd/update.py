@@ -115,8 +115,9 @@ def riemannian_step(
     return K, C, m_K, m_C
 
 
-#: Factors up to this size get a dense ``F F^T`` cache whatever their structure (T > 1), and
-#: their statistics from a dense ``X^T X`` when there are more rows than columns.
+#: Non-diagonal factors up to this size get a dense ``F F^T`` cache whatever their structure
+#: and the other factor's size (T > 1); hierarchical and Toeplitz ones also take their
+#: statistics from a dense ``X^T X`` when there are more rows than columns.
 DENSE_GRAM_MAX = 256
 
 
@@ -232,15 +233,27 @@ class Gram:
 def gram(F: StructuredMatrix, other_dim: int | None = None, T: int = 1) -> Gram | None:
     """``F F^T`` in a form cheaper to apply than two products with ``F``, or None.
 
-    Diagonal: the squared entries; block-diagonal: the block Grams; dense, triangular and any
-    factor with ``dim <= DENSE_GRAM_MAX``: a dense matrix. With ``other_dim`` (the size of the
-    other Kronecker factor) and ``T``, None where computing the cache once per ``T`` steps
-    costs more than it saves (``dim > T * other_dim``).
+    Diagonal: the squared entries. Dense and triangular: a dense matrix. With ``T > 1`` any
+    other factor with ``dim <= DENSE_GRAM_MAX`` gets a dense matrix too (reused over T
+    steps, one BLAS product per step beats the several small products of a structured
+    application at these sizes, whatever the flop count); otherwise block-diagonal factors
+    get their block Grams and the rest None. With ``other_dim`` (the size of the other
+    Kronecker factor) and ``T``, factors above ``DENSE_GRAM_MAX`` get None where computing the
+    cache once per ``T`` steps costs more than it saves (``dim > T * other_dim``).
     """
     if isinstance(F, Diagonal):
         return Gram("diag", F.diag.square())
-    if other_dim is not None and F.dim > T * other_dim:
+    if F.dim > DENSE_GRAM_MAX and other_dim is not None and F.dim > T * other_dim:
         return None
+    if isinstance(F, (Dense, Triangular)):
+        return Gram("dense", F.mat @ F.mat.T)
+    if F.dim <= DENSE_GRAM_MAX and T > 1:
+        dense = F.to_dense()
+        return Gram("dense", dense @ dense.T)
+    if isinstance(F, BlockDiagonal):
+        blocks = torch.bmm(F.blocks, F.blocks.transpose(1, 2))
+        return Gram("structured", type(F)._wrap(F.dim, blocks, F.last @ F.last.T))
+    return None
     if isinstance(F, BlockDiagonal):
         blocks = torch.bmm(F.blocks, F.blocks.transpose(1, 2))
         return Gram("structured", type(F)._wrap(F.dim, blocks, F.last @ F.last.T))

@@ -72,3 +72,31 @@ def test_toeplitz_preconditioning_by_row_ffts_matches_dense_products(name):
     expected = Cd @ Cd.T @ G @ Kd @ Kd.T
     scale = expected.abs().max().item()
     torch.testing.assert_close(precondition(G, K, C), expected, rtol=1e-9, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("name", ["hierarchical3_2", "block4diagonal", "triltoeplitz", "dense"])
+def test_small_factors_get_a_dense_gram_cache_whenever_it_is_reused(name):
+    """With T > 1 every non-diagonal factor up to DENSE_GRAM_MAX caches a dense F F^T, even
+    when the other factor is tiny; it equals the product it replaces."""
+    from singd.update import DENSE_GRAM_MAX, gram
+
+    torch.manual_seed(0)
+    d = 40
+    F = structure(name).from_dense(torch.randn(d, d, dtype=torch.float64))
+    P = gram(F, other_dim=1, T=2)
+    assert P is not None and P.kind == "dense"
+    Fd = F.to_dense()
+    torch.testing.assert_close(P.value, Fd @ Fd.T)
+    big = structure(name).eye(DENSE_GRAM_MAX + 1, torch.float32, "cpu")
+    assert gram(big, other_dim=1, T=2) is None  # building it costs more than it saves
+    expected = {"dense": "dense", "block4diagonal": "structured"}.get(name)
+    P = gram(big, other_dim=1000, T=2)
+    assert (P and P.kind) == expected
+
+
+def test_block_diagonal_keeps_block_grams_when_the_cache_lives_one_step():
+    from singd.update import gram
+
+    F = structure("block4diagonal").eye(10, torch.float32, "cpu")
+    assert gram(F).kind == "structured"
+    assert gram(structure("hierarchical3_2").eye(10, torch.float32, "cpu")) is None
