@@ -61,8 +61,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import math
+import os
 import platform
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -117,8 +119,8 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _norms(tensors: list[torch.Tensor]) -> list[float]:
-    """2-norms as Python floats (16-bit tensors reduced in float32), one host sync.
+def _norms(tensors: list[torch.Tensor], ord: float = 2) -> list[float]:
+    """``ord``-norms as Python floats (16-bit tensors reduced in float32), one host sync.
 
     A norm is non-finite exactly when the tensor holds NaN/Inf, or when the norm itself
     overflows (then a later detailed count finds nothing and no event is made).
@@ -133,9 +135,9 @@ def _norms(tensors: list[torch.Tensor]) -> list[float]:
             continue
         group = [tensors[i] for i in idx]
         try:
-            res = torch._foreach_norm(group, 2, **kw)
+            res = torch._foreach_norm(group, ord, **kw)
         except (RuntimeError, TypeError):  # pragma: no cover - unusual tensors / old torch
-            res = [torch.linalg.vector_norm(t, **kw) for t in group]
+            res = [torch.linalg.vector_norm(t, ord, **kw) for t in group]
         for i, r in zip(idx, res):
             out[i] = r
     if all(o.device.type == "cpu" for o in out):
@@ -157,6 +159,32 @@ def _json_scalar(value: Any) -> Any:
     ):
         return list(value)
     return repr(value)
+
+
+def auto_workers() -> int:
+    """What ``workers="auto"`` means here: 1 when this process may run on more CPUs than
+    torch's intra-op threads use (``len(os.sched_getaffinity(0)) > torch.get_num_threads()``,
+    ``os.cpu_count()`` where affinity is unknown), else 0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - systems other than Linux
+        cpus = os.cpu_count() or 1
+    return 1 if cpus > torch.get_num_threads() else 0
+
+
+def _stamp(matrix: object, parts: list[torch.Tensor]) -> tuple | None:
+    """What identifies a factor's current values: its object (weakly), and its stored
+    tensors' data pointers and version counters (None when it cannot be referenced weakly)."""
+    try:
+        ref = weakref.ref(matrix)
+    except TypeError:
+        return None
+    return (ref, tuple((p.data_ptr(), p._version, p.shape) for p in parts))
+
+
+def _same_stamp(old: tuple, matrix: object, new: tuple) -> bool:
+    """Whether a factor is unchanged since ``old`` was taken (same live object, same versions)."""
+    return old[0]() is matrix and old[1] == new[1]
 
 
 def _versions() -> dict[str, str]:
@@ -222,7 +250,7 @@ class Recorder:
         config: dict[str, Any] | None = None,
         seed: int | None = None,
         max_events: int = 10_000,
-        workers: int = 0,
+        workers: int | str = "auto",
     ) -> None:
         if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "step"):
             raise TypeError(
@@ -258,9 +286,14 @@ class Recorder:
         if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
             raise ValueError(f"max_events must be an int >= 0, got {max_events!r}")
         self.max_events = max_events
-        if not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
-        self.workers = workers
+        if workers == "auto":
+            workers = auto_workers()
+            self._workers_auto = True
+        elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be 'auto' or an int >= 0, got {workers!r}")
+        else:
+            self._workers_auto = False
+        self.workers: int = workers
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self.name = name if name is not None else type(optimizer).__name__
@@ -287,13 +320,15 @@ class Recorder:
             and sum(self._sizes) <= 1 << 22  # small models: per-tensor op overhead dominates
         )
         self._has_factors = callable(getattr(optimizer, "preconditioner_factors", None))
+        self._use_worker = bool(self.workers) and self.spectra and self._has_factors
         self._has_state_bytes = callable(getattr(optimizer, "state_bytes", None))
 
         self._step = 0
         self._steps: list[dict[str, Any]] = []
         self._metrics: list[tuple] = []
-        self._spectra: dict[str, list] = {k: [] for k in ("step", "layer", "factor", "index")}
-        self._spectra["value"] = []
+        self._spec_blocks: list[tuple[int, str, str, np.ndarray]] = []  # (step, layer, factor, eig)
+        self._fkeys: dict[tuple[str, str], tuple] = {}  # factor -> stamp at its last decomposition
+        self._flast: dict[tuple[str, str], tuple[np.ndarray, bool]] = {}  # its last spectrum
         self._events: list[dict[str, Any]] = []
         self._memory: list[tuple] = []
         self._listeners: list[Listener] = []
@@ -336,7 +371,8 @@ class Recorder:
                 "max_dim": max_dim,
                 "power_iters": power_iters,
                 "peak_rss_reset": self._peak_reset,
-                "workers": workers,
+                "workers": self.workers,
+                "workers_auto": self._workers_auto,
             },
             "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "platform": platform.platform(),
@@ -434,10 +470,10 @@ class Recorder:
             row[key] = float(v)
         trip = False
         hook_items, self._hook_items = self._hook_items, []
-        hooked = self._resolve_hooked(hook_items) if hook_items else []
         if recorded:
-            self._record(s, row, loss_v, skipped, hooked)
+            self._record(s, row, loss_v, skipped, hook_items)
         elif self.events:
+            hooked = self._resolve_hooked(hook_items) if hook_items else []
             ok = self._cheap_check(loss_v) if self.check_finite else True
             if not ok or hooked or skipped:
                 grad_scale = self._grad_scale()
@@ -608,18 +644,27 @@ class Recorder:
         if not math.isfinite(norm.item()):
             self._hook_items.append((phase, layer, tensor, t, t._version, M.count_vector(t)))
 
-    def _resolve_hooked(self, items: list[tuple]) -> list[tuple]:
-        """The hooked tensors that held NaN/Inf: (phase, layer, tensor, t, count vector)."""
+    def _resolve_hooked(self, items: list[tuple], norms: list[float] | None = None) -> list[tuple]:
+        """The hooked tensors that held NaN/Inf: (phase, layer, tensor, t, count vector).
+
+        ``norms``: the norms of ``_lazy_hooked(items)``'s tensors when already computed.
+        """
         found = [(ph, ly, tn, t, cv) for ph, ly, tn, t, _, cv in items if cv is not None]
-        lazy = [it for it in items if it[5] is None]
-        for _, ly, tn, t, version, _ in lazy:
-            if t._version != version:  # changed in place after the hook: check eagerly later
-                self._eager.add((ly, tn))
-        norms = _norms([it[3] for it in lazy])
+        lazy = self._lazy_hooked(items)
+        if norms is None:
+            norms = _norms([it[3] for it in lazy])
         for (ph, ly, tn, t, _, _), n in zip(lazy, norms):
             if not math.isfinite(n):
                 found.append((ph, ly, tn, t, M.count_vector(t)))
         return found
+
+    def _lazy_hooked(self, items: list[tuple]) -> list[tuple]:
+        """Hooked items still to be checked at `step` (noting those changed in place since)."""
+        lazy = [it for it in items if it[5] is None]
+        for _, ly, tn, t, version, _ in lazy:
+            if t._version != version:  # changed in place after the hook: check eagerly later
+                self._eager.add((ly, tn))
+        return lazy
 
     # ------------------------------------------------------------------ measurement
     def _grad_scale(self) -> float:
@@ -666,18 +711,20 @@ class Recorder:
                         out.append((layer, short, str(key), v, eps))
         return out
 
-    def _factors(self) -> list[tuple[str, str, Any, list[torch.Tensor]]]:
-        """(layer, factor, view, stored tensors) from ``preconditioner_factors()``, if offered.
+    def _factors(self) -> list[tuple[str, str, Any, list[torch.Tensor], str]]:
+        """(layer, factor, view, stored tensors, kind) from ``preconditioner_factors()``.
 
-        The tensors come from `metrics.factor_parts` (no dense copy for dense, diagonal and
-        block-diagonal structures); they may be the optimizer's storage and are only read.
+        The tensors come from `metrics.spectral_parts` (no dense copy for dense, diagonal
+        and block-diagonal structures); they may be the optimizer's storage and are only
+        read. Empty for optimizers without the view.
         """
         if not self._has_factors:
             return []
         out = []
         for layer, lf in self.optimizer.preconditioner_factors().items():
             for fname, view in lf.factors.items():
-                out.append((str(layer), str(fname), view, M.factor_parts(view.matrix)[1]))
+                kind, parts = M.spectral_parts(view.matrix, view.role, view.structure)
+                out.append((str(layer), str(fname), view, parts, kind))
         return out
 
     def _inspect(
@@ -750,7 +797,7 @@ class Recorder:
     def _candidates(
         self,
         loss_v: Any,
-        factors: list[tuple[str, str, Any, torch.Tensor]],
+        factors: list[tuple[str, str, Any, list[torch.Tensor], str]],
         *,
         full: bool = True,
         state: bool | list[tuple] = True,
@@ -774,7 +821,7 @@ class Recorder:
             for p, (layer, short) in zip(self._params, self._names):
                 if p.is_floating_point():
                     out.append(("parameter update", layer, short, p))
-        for layer, fname, _, parts in factors:
+        for layer, fname, _, parts, _ in factors:
             for t in parts:  # several stored tensors of one factor merge into one event
                 out.append(("preconditioner update", layer, fname, t))
         items = self._state_items() if state is True else (state or [])
@@ -784,9 +831,9 @@ class Recorder:
 
     @torch.no_grad()
     def _record(
-        self, s: int, row: dict[str, Any], loss_v: Any, skipped: bool, hooked: list[tuple]
+        self, s: int, row: dict[str, Any], loss_v: Any, skipped: bool, hook_items: list[tuple]
     ) -> None:
-        """Everything a recorded step measures."""
+        """Everything a recorded step measures (all norms in one fused call, one read)."""
         grad_scale = self._grad_scale()
         row["grad_scale"] = grad_scale
         factors = self._factors()
@@ -794,9 +841,11 @@ class Recorder:
         cands = self._candidates(
             loss_v, factors, full=self.events, state=state_items if self.events else []
         )
+        lazy = self._lazy_hooked(hook_items) if hook_items else []
         before = self._before
         n_upd = 0
         tensors = [c[3] for c in cands]
+        tensors.extend(it[3] for it in lazy)
         if before is not None and len(before) == 1 and self._flat:
             after = torch.cat([p.detach().reshape(-1) for p in self._params])
             diffs = before[0].sub_(after).split(self._sizes)  # -update, one view per param
@@ -807,21 +856,27 @@ class Recorder:
             tensors.extend(before)
             n_upd = len(before)
         all_norms = _norms(tensors)
-        norms = all_norms[: len(cands)]
-        upd_norms = all_norms[len(cands) :] if n_upd else []
+        nc, nh = len(cands), len(lazy)
+        norms = all_norms[:nc]
+        upd_norms = all_norms[nc + nh :] if n_upd else []
         if self.events:
+            hooked = self._resolve_hooked(hook_items, all_norms[nc : nc + nh]) if hook_items else []
             self._inspect(s, loss_v, hooked, skipped, grad_scale, cands, norms)
         mrows = self._metrics
         # per-layer and total norms of gradients, parameters, updates; optimizer state norms
         sq: dict[str, dict[str, float]] = {"grad": {}, "param": {}, "update": {}}
+        fsq: dict[tuple[str, str], float] = {}
         for (phase, layer, tname, _), n in zip(cands, norms):
             if phase == "backward":
                 d = sq["grad"]
             elif phase == "parameter update":
                 d = sq["param"]
             else:
-                if phase == "preconditioner update" and "." in tname:
-                    mrows.append((s, layer, tname, "norm", n))
+                if phase == "preconditioner update":
+                    if "." in tname:
+                        mrows.append((s, layer, tname, "norm", n))
+                    else:  # a factor's stored tensor
+                        fsq[(layer, tname)] = fsq.get((layer, tname), 0.0) + n * n
                 continue
             d[layer] = d.get(layer, 0.0) + n * n
         for (layer, _), n in zip(self._names, upd_norms):
@@ -836,38 +891,8 @@ class Recorder:
         for i, g in enumerate(self.optimizer.param_groups):
             if "lr" in g:
                 mrows.append((s, f"group{i}", "optimizer", "lr", float(g["lr"])))
-        # factors (SINGD / KFAC): spectra on the worker thread when there is one
-        if factors and not self.spectra:  # cheap metrics straight from the norms above
-            fsq: dict[tuple[str, str], float] = {}
-            for c, n in zip(cands, norms):
-                if c[0] == "preconditioner update" and "." not in c[2]:
-                    fsq[(c[1], c[2])] = fsq.get((c[1], c[2]), 0.0) + n * n
-            sym = []
-            for layer, fname, view, parts in factors:
-                n = math.sqrt(fsq[(layer, fname)])
-                mrows.append((s, layer, fname, "norm_fro", n))
-                if view.role == "root":
-                    mrows.append((s, layer, fname, "trace", n * n))
-                elif view.role == "symmetric":
-                    sym.append((layer, fname, parts))
-            if sym:  # KFAC: traces, one host sync
-                traces = torch.stack(
-                    [sum(M._diag_sum(p.double(), "") for p in parts) for _, _, parts in sym]
-                ).tolist()
-                for (layer, fname, _), tr in zip(sym, traces):
-                    mrows.append((s, layer, fname, "trace", float(tr)))
-        elif factors:
-            copy = self.workers > 0  # the optimizer changes its factors while a worker reads
-            jobs = [
-                (layer, fname, v.role, v.structure, v.matrix.clone() if copy else v.matrix)
-                for layer, fname, v, _ in factors
-            ]
-            if self.workers:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="recorder")
-                self._pending.append(self._pool.submit(self._factor_job, s, jobs))
-            else:
-                self._merge(self._factor_job(s, jobs))
+        if factors:
+            self._record_factors(s, factors, fsq)
         # generic optimizer state (AdamW & co): second-moment statistics
         if self.spectra:
             moments = [it for it in state_items if it[2] in _SECOND_MOMENT_KEYS]
@@ -878,42 +903,110 @@ class Recorder:
         if self.memory:
             self._record_memory(s)
 
-    def _factor_job(self, s: int, jobs: list[tuple]) -> tuple[list[tuple], dict[str, list]]:
-        """Spectra and metrics of the factor copies taken at step ``s`` (any thread)."""
-        rows: list[tuple] = []
-        sp: dict[str, list] = {k: [] for k in ("step", "layer", "factor", "index", "value")}
-        with torch.no_grad():
-            summaries = M.summarize_factors(
-                [(matrix, role, structure) for _, _, role, structure, matrix in jobs],
-                max_dim=self.max_dim,
-                power_iters=self.power_iters,
-                spectrum=self.spectra,
-            )
-        for (layer, fname, *_), summ in zip(jobs, summaries):
-            for metric, v in summ.metrics.items():
-                rows.append((s, layer, fname, metric, v))
-            n = summ.eigenvalues.size
-            if n:
-                rows.append((s, layer, fname, "spectrum_estimated", float(summ.estimated)))
-                sp["step"].extend([s] * n)
-                sp["layer"].extend([layer] * n)
-                sp["factor"].extend([fname] * n)
-                sp["index"].extend(range(n))
-                sp["value"].extend(summ.eigenvalues.tolist())
-        return rows, sp
+    def _record_factors(
+        self,
+        s: int,
+        factors: list[tuple[str, str, Any, list[torch.Tensor], str]],
+        fsq: dict[tuple[str, str], float],
+    ) -> None:
+        """Factor metrics: norms and traces from the fused norms; spectra as a factor job.
 
-    def _merge(self, result: tuple[list[tuple], dict[str, list]]) -> None:
-        """Add a factor job's rows to the collected data."""
-        rows, sp = result
-        self._metrics.extend(rows)
-        for k, v in sp.items():
-            self._spectra[k].extend(v)
+        A factor whose stored tensors are the same objects with the same version counters
+        as at its last decomposition is not decomposed again: its previous spectrum is
+        recorded for this step too (``optimizer.step()`` changes SINGD's factors only
+        every T steps).
+        """
+        mrows = self._metrics
+        nan = math.nan
+        sym = []
+        jobs: list[tuple] = []  # (layer, factor, role, payload) in factor order
+        moments = []
+        for layer, fname, view, parts, kind in factors:
+            sq_ = fsq.get((layer, fname), 0.0)
+            finite = math.isfinite(sq_)
+            mrows.append((s, layer, fname, "norm_fro", math.sqrt(sq_) if finite else nan))
+            role = view.role
+            if role == "root":
+                mrows.append((s, layer, fname, "trace", sq_ if finite else nan))
+            elif role == "symmetric":
+                sym.append((layer, fname, parts, kind, finite))
+            if not self.spectra:
+                continue
+            if role == "momentum":
+                moments.append((layer, fname, parts, finite))
+                continue
+            key = (layer, fname)
+            dim = view.dim
+            if not finite or dim == 0:
+                self._fkeys.pop(key, None)
+                jobs.append((layer, fname, role, None))
+                continue
+            stamp = _stamp(view.matrix, parts)
+            old = self._fkeys.get(key)
+            if old is not None and stamp is not None and _same_stamp(old, view.matrix, stamp):
+                jobs.append((layer, fname, role, "reuse"))
+                continue
+            if stamp is not None:
+                self._fkeys[key] = stamp
+            else:
+                self._fkeys.pop(key, None)
+            if self._use_worker:  # the optimizer changes its factors while a worker reads
+                parts = [p.clone() for p in parts]
+            jobs.append((layer, fname, role, (role, kind, parts, dim)))
+        if sym:  # KFAC: traces, one host sync
+            traces = torch.stack(
+                [sum(M._diag_sum(p.double(), kind) for p in parts) for _, _, parts, kind, _ in sym]
+            ).tolist()
+            for (layer, fname, _, _, finite), tr in zip(sym, traces):
+                mrows.append((s, layer, fname, "trace", float(tr) if finite else nan))
+        if moments:  # largest magnitude of each momentum, one fused call
+            mparts = [p for _, _, parts, _ in moments for p in parts if p.numel()]
+            amax = iter(_norms(mparts, math.inf))
+            for layer, fname, parts, finite in moments:
+                vals = [next(amax) for p in parts if p.numel()]
+                value = max(vals, default=0.0) if finite and vals else nan
+                mrows.append((s, layer, fname, "norm_max", value))
+        if not jobs:
+            return
+        if self._use_worker:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="recorder")
+            self._pending.append((s, jobs, self._pool.submit(self._factor_job, jobs)))
+        else:
+            self._merge(s, jobs, self._factor_job(jobs))
+
+    def _factor_job(self, jobs: list[tuple]) -> list[tuple[np.ndarray, bool]]:
+        """Spectra of the factors a job decomposes (any thread; reads copies when threaded)."""
+        todo = [payload for *_, payload in jobs if isinstance(payload, tuple)]
+        with torch.no_grad():
+            return M.parts_spectra(todo, max_dim=self.max_dim, power_iters=self.power_iters)
+
+    def _merge(self, s: int, jobs: list[tuple], results: list[tuple[np.ndarray, bool]]) -> None:
+        """Add a factor job's rows (training thread, in step order)."""
+        rows = self._metrics
+        res = iter(results)
+        empty = np.zeros(0, dtype=np.float64)
+        for layer, fname, role, payload in jobs:
+            key = (layer, fname)
+            if payload is None:  # NaN/Inf in the factor: NaN metrics, no spectrum
+                eig, estimated = empty, False
+            elif payload == "reuse":
+                eig, estimated = self._flast.get(key, (empty, False))
+            else:
+                eig, estimated = next(res)
+                self._flast[key] = (eig, estimated)
+            for metric, v in M.spectral_metrics(eig, role).items():
+                rows.append((s, layer, fname, metric, v))
+            if eig.size:
+                rows.append((s, layer, fname, "spectrum_estimated", float(estimated)))
+                self._spec_blocks.append((s, layer, fname, eig))
         self._cache = None
 
     def _drain(self, wait: bool) -> None:
         """Merge finished factor jobs in submission order (all of them when ``wait``)."""
-        while self._pending and (wait or self._pending[0].done()):
-            self._merge(self._pending.pop(0).result())
+        while self._pending and (wait or self._pending[0][2].done()):
+            s, jobs, fut = self._pending.pop(0)
+            self._merge(s, jobs, fut.result())
 
     def _record_memory(self, s: int) -> None:
         """Optimizer state bytes per layer/component and the process peaks since last time."""
@@ -952,10 +1045,20 @@ class Recorder:
             "metrics",
             {k: [r[i] for r in self._metrics] for i, k in enumerate(COLUMNS["metrics"])},
         )
-        spectra = frame_from_rows("spectra", self._spectra)
-        if self.workers:  # factor jobs finish after later steps' rows: restore step order
+        blocks = sorted(self._spec_blocks, key=lambda b: b[0])  # stable: factor order kept
+        sizes = [b[3].size for b in blocks]
+        spectra = frame_from_rows(
+            "spectra",
+            {
+                "step": np.repeat(np.array([b[0] for b in blocks], dtype=np.int64), sizes),
+                "layer": np.repeat(np.array([b[1] for b in blocks], dtype=object), sizes),
+                "factor": np.repeat(np.array([b[2] for b in blocks], dtype=object), sizes),
+                "index": np.concatenate([np.arange(n) for n in sizes] or [np.zeros(0, int)]),
+                "value": np.concatenate([b[3] for b in blocks] or [np.zeros(0)]),
+            },
+        )
+        if self._use_worker:  # factor jobs finish after later steps' rows: restore step order
             metrics = metrics.sort_values("step", kind="stable", ignore_index=True)
-            spectra = spectra.sort_values("step", kind="stable", ignore_index=True)
         events = frame_from_rows("events", self._events)
         memory = frame_from_rows(
             "memory",

@@ -46,7 +46,31 @@ def test_bfloat16_factor_is_upcast_and_left_untouched():
     summ = M.summarize_factor(FactorView(k, "root", "dense"))
     assert torch.equal(k, before) and k.dtype == torch.bfloat16
     expected = torch.linalg.svdvals(k.double()) ** 2
-    assert summ.eigenvalues == pytest.approx(expected.tolist(), rel=1e-9)
+    # well conditioned (cond 36): decomposed in float32, good to about 3e-8 * cond
+    assert summ.eigenvalues == pytest.approx(expected.tolist(), rel=1e-5)
+    exact = M.summarize_factor(FactorView(k, "root", "dense"), compute_dtype=torch.float64)
+    assert exact.eigenvalues == pytest.approx(expected.tolist(), rel=1e-9)
+
+
+def test_well_conditioned_float32_factor_is_decomposed_in_float32():
+    k = _with_singular_values([2.0, 1.5, 1.0, 0.7], seed=3).float()
+    summ = M.summarize_matrix(k, "root")
+    exact = (torch.linalg.svdvals(k.double()) ** 2).numpy()
+    rel = abs(summ.eigenvalues - exact) / exact
+    assert rel.max() < 3e-7 * summ.metrics["cond"]  # the documented float32 accuracy
+    assert rel.max() > 1e-12  # float32 rounding shows: float64 would be exact to ~1e-16
+
+
+def test_ill_conditioned_float32_factor_is_redone_in_float64():
+    # cond(K K^T) = 1e8 > FLOAT32_MAX_COND: float32 alone would get eig_min badly wrong
+    k = _with_singular_values([1.0, 0.3, 1e-2, 1e-4], seed=4).float()
+    exact = torch.linalg.svdvals(k.double()) ** 2
+    for summ in (M.summarize_matrix(k, "root"), M.summarize_factors([(k, "root", "dense")])[0]):
+        assert summ.metrics["cond"] > M.FLOAT32_MAX_COND
+        assert summ.eigenvalues == pytest.approx(exact.tolist(), rel=1e-8)
+        assert summ.metrics["eig_min"] == pytest.approx(1e-8, rel=1e-4)
+    ((eig, estimated),) = M.factor_spectra([(k, "root", "dense")])
+    assert eig == pytest.approx(exact.tolist(), rel=1e-8) and not estimated
 
 
 def test_symmetric_factor_gives_its_eigenvalues():

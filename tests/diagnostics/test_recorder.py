@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagnostics import Recorder
+from diagnostics import metrics as M
 from diagnostics.recorder import make_schedule
 from singd.views import FactorView, LayerFactors
 
@@ -471,7 +472,10 @@ def test_singd_spectrum_equals_squared_singular_values_of_k():
     expected = (torch.linalg.svdvals(k) ** 2).tolist()
     r = rec.recording
     got = r.spectra[(r.spectra.step == 1) & (r.spectra.layer == "2") & (r.spectra.factor == "K")]
-    assert got["value"].tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    # float32 factors are decomposed in float32 where well conditioned (see diagnostics.metrics)
+    cond = expected[0] / expected[-1]
+    assert cond < M.FLOAT32_MAX_COND
+    assert got["value"].tolist() == pytest.approx(expected, rel=1e-6 * cond, abs=1e-12)
 
 
 def test_kfac_factors_are_symmetric_spectra():
