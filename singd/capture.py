@@ -23,6 +23,7 @@ are left to the caller, which knows how several backward passes are combined.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class Layer:
     @property
     def in_dim(self) -> int:
         """d_K: flattened input size, plus one for the bias."""
-        return self.weight[0].numel() + (self.bias is not None)
+        return math.prod(self.weight.shape[1:]) + (self.bias is not None)
 
     @property
     def out_dim(self) -> int:
@@ -97,7 +98,7 @@ class Layer:
 
     def split(self, mat: Tensor) -> list[Tensor]:
         """Split a ``d_C x d_K`` matrix into tensors shaped like ``params()``."""
-        w = mat[:, : self.weight[0].numel()].reshape(self.weight.shape)
+        w = mat[:, : math.prod(self.weight.shape[1:])].reshape(self.weight.shape)
         if self.bias is None:
             return [w]
         return [w, mat[:, -1].reshape(self.bias.shape)]

@@ -39,6 +39,7 @@ from singd.structures import FORMS, BlockDiagonal, Diagonal, StructuredMatrix, s
 from singd.update import (
     Gram,
     diagonal_statistic,
+    diagonal_steps,
     gram,
     gram_route,
     gram_statistic,
@@ -595,6 +596,8 @@ class SINGD(Optimizer):
         if getattr(self.reduce_statistics, "share_work", False):
             owners = self.reduce_statistics.owners([(st.K, st.C) for st, _, _ in todo])
             me = self.reduce_statistics.rank()
+        # layers whose K and C are both diagonal go through one foreach update per group
+        diagonal: dict[tuple[int, torch.dtype], list[int]] = {}
         for i, (st, H_K, H_C) in enumerate(todo):
             group = st.group
             alpha1 = self._alpha1(group)
@@ -603,6 +606,9 @@ class SINGD(Optimizer):
                 st.m_C = type(st.C).zeros(st.C.dim, st.C.dtype, st.C.device)
             if owners is not None and owners[i] != me:
                 continue  # another rank updates this layer; share_factors copies it here
+            if type(st.K) is Diagonal and type(st.C) is Diagonal and st.K.dtype == st.C.dtype:
+                diagonal.setdefault((id(group), st.K.dtype), []).append(i)
+                continue
             st.K, st.C, m_K, m_C = riemannian_step(
                 st.K,
                 st.C,
@@ -621,6 +627,27 @@ class SINGD(Optimizer):
             if alpha1 > 0:
                 st.m_K, st.m_C = m_K, m_C
             self._refresh_grams(st)
+        for batch in diagonal.values():
+            layers = [todo[i][0] for i in batch]
+            group = layers[0].group
+            momentum = self._alpha1(group) > 0
+            diagonal_steps(
+                [st.K for st in layers],
+                [st.C for st in layers],
+                [todo[i][1] for i in batch],
+                [todo[i][2] for i in batch],
+                [st.m_K for st in layers] if momentum else None,
+                [st.m_C for st in layers] if momentum else None,
+                damping=group["damping"],
+                alpha1=self._alpha1(group),
+                lr_cov=self._lr_cov(group, step),
+                kfac_like=group["kfac_like"],
+                normalize_lr_cov=group["normalize_lr_cov"],
+                scales_K=[scales[i][0] for i in batch],
+                scales_C=[scales[i][1] for i in batch],
+            )
+            for st in layers:
+                self._refresh_grams(st)
         if owners is not None:
             self.reduce_statistics.share_factors(
                 [
