@@ -203,12 +203,25 @@ def test_layer_whose_forward_is_bypassed_warns_and_still_trains():
     assert not torch.equal(flat(model), before)
 
 
-def test_param_groups_equal_separate_optimizers_on_disjoint_models():
+GROUPS = {
+    "mixed": (
+        dict(structures=("dense", "diagonal"), lr=0.05, T=1, lr_cov=0.05),
+        dict(structures=("hierarchical2_3", "block3diagonal"), lr=0.02, T=3, momentum=0.5),
+    ),
+    # all-diagonal layers are updated in one batch per group: the batches must not mix
+    "diagonal": (
+        dict(structures=("diagonal", "diagonal"), lr=0.05, T=1, lr_cov=0.05),
+        dict(structures=("diagonal", "diagonal"), lr=0.02, T=2, lr_cov=0.2, alpha1=0.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("groups", GROUPS.values(), ids=GROUPS.keys())
+def test_param_groups_equal_separate_optimizers_on_disjoint_models(groups):
     a, b = mlp(seed=1), mlp(seed=2)
     a2, b2 = mlp(seed=1), mlp(seed=2)
     both = nn.ModuleDict({"a": a, "b": b})
-    ga = dict(structures=("dense", "diagonal"), lr=0.05, T=1, lr_cov=0.05)
-    gb = dict(structures=("hierarchical2_3", "block3diagonal"), lr=0.02, T=3, momentum=0.5)
+    ga, gb = groups
     opt = SINGD(both, [dict(params=a.parameters(), **ga), dict(params=b.parameters(), **gb)])
     opt_a, opt_b = SINGD(a2, **ga), SINGD(b2, **gb)
     for t in range(7):

@@ -106,8 +106,21 @@ def test_structured_path_equals_dense_reference_over_20_steps(name, T, alpha1):
         dict(structures=("tril", "diagonal"), loss_average=None),
         dict(kfac_approx="reduce", loss_average="batch+sequence"),
         dict(kfac_approx="expand", loss_average="batch+sequence"),
+        # diagonal K and C of all layers take one batched (foreach) update
+        dict(kfac_like=True, alpha1=0.0, structures=("diagonal", "diagonal")),
+        dict(normalize_lr_cov=True, alpha1=0.5, lr_cov=0.5, structures=("diagonal", "diagonal")),
     ],
-    ids=["ikfac", "normalize_lr_cov", "callable_lr_cov", "mixed", "loss_none", "reduce", "bs"],
+    ids=[
+        "ikfac",
+        "normalize_lr_cov",
+        "callable_lr_cov",
+        "mixed",
+        "loss_none",
+        "reduce",
+        "bs",
+        "diagonal_ikfac",
+        "diagonal_normalize_lr_cov",
+    ],  # fmt: skip
 )
 def test_options_equal_dense_reference(options):
     hyper = dict(lr=0.05, lr_cov=0.1, damping=0.1, weight_decay=0.01, T=2) | options
