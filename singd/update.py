@@ -215,7 +215,7 @@ def gram_statistic(F: StructuredMatrix, A: Tensor) -> StructuredMatrix:
     if isinstance(F, Dense):
         return Dense._wrap(F.dim, F.mat.T @ A @ F.mat)
     if isinstance(F, Triangular):
-        return type(F)._project(F.mat.T @ A @ F.mat)
+        return F.from_gram(A)
     Fd = F.to_dense()
     return F._from_dense(Fd.T @ A @ Fd)
 
@@ -301,7 +301,9 @@ def _apply_left(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
             return _toeplitz_rows(F, X.T).T
         if isinstance(F, Diagonal):
             return F.diag.square().unsqueeze(1) * X
-        if isinstance(F, (Dense, Triangular)):
+        if isinstance(F, Triangular):
+            return F.gram_left(X)
+        if isinstance(F, Dense):
             return F.mat @ (F.mat.T @ X)
         return F @ F.rmatmat(X)
     if P.kind == "dense":
@@ -318,7 +320,9 @@ def _apply_right(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
             return _toeplitz_rows(F, X)
         if isinstance(F, Diagonal):
             return X * F.diag.square()
-        if isinstance(F, (Dense, Triangular)):
+        if isinstance(F, Triangular):
+            return F.gram_right(X)
+        if isinstance(F, Dense):
             return (X @ F.mat) @ F.mat.T
         return (F @ F.rmatmat(X.T)).T
     if P.kind == "dense":
