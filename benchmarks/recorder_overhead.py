@@ -4,14 +4,20 @@ Workload: the digits MLP 64-128-128-10, batch 128, cross-entropy, on the CPU.
 Configurations (each against the same training loop without any recorder):
 
 - ``every10``: ``Recorder(every=10)``, the defaults: spectra, events (``check_finite="loss"``
-  on unrecorded steps), memory;
+  on unrecorded steps), memory, ``workers="auto"`` (a spectra thread when a CPU is free:
+  the script prints what it resolved to; its CPU time is not the training thread's, so
+  read the wall columns for this row);
+- ``every10-inline``: as ``every10`` with ``workers=0`` (spectra on the training thread);
 - ``every10-nospectra``: ``spectra=False`` (events and memory on);
 - ``every10-nospectra-grads``: as above with ``check_finite="grads"``;
 - ``every10-events-only``: ``spectra=False, memory=False`` (norms and events only);
-- ``every10-worker``: as ``every10`` with ``workers=1`` (factor spectra on a second thread;
-  its CPU time is not the training thread's, so read this row's wall columns);
 - ``every4-nospectra``: ``every=4, spectra=False`` (Cockpit's cheapest preset, about 1.2x at
-  interval 4, for comparison; the blocks of 10 steps then hold 2 or 3 recorded steps).
+  interval 4, for comparison; the blocks of 10 steps then hold 2 or 3 recorded steps);
+- ``every4-inline``: ``every=4, workers=0`` (full spectra on the training thread).
+
+With ``--previous REV`` the recorder of git revision REV (``diagnostics/recorder.py`` and
+``diagnostics/metrics.py`` read with ``git show`` into a temporary directory) trains
+alongside in the same interleaved run, in the configurations named ``prev-...``.
 
 Method: every configuration trains its own identically seeded model on the same batches,
 and all of them advance *together*, one step each, in an order rotated every step, so
@@ -31,6 +37,7 @@ Run with::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -45,9 +52,37 @@ CONFIGS: dict[str, dict | None] = {
     "every10-nospectra": {"every": 10, "spectra": False},
     "every10-nospectra-grads": {"every": 10, "spectra": False, "check_finite": "grads"},
     "every10-events-only": {"every": 10, "spectra": False, "memory": False},
-    "every10-worker": {"every": 10, "workers": 1},
+    "every10-inline": {"every": 10, "workers": 0},
     "every4-nospectra": {"every": 4, "spectra": False},
+    "every4-inline": {"every": 4, "workers": 0},
 }
+PREVIOUS: dict[str, dict] = {
+    "prev-every10-inline": {"every": 10, "workers": 0},
+    "prev-every10-nospectra": {"every": 10, "spectra": False},
+    "prev-every10-events-only": {"every": 10, "spectra": False, "memory": False},
+    "prev-every10-worker": {"every": 10, "workers": 1},
+}
+
+
+def load_previous(rev: str) -> type:
+    """The `Recorder` class of git revision ``rev`` (with that revision's metrics module)."""
+    import importlib
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="recorder_prev_"))
+    for name in ("recorder", "metrics"):
+        src = subprocess.run(
+            ["git", "show", f"{rev}:diagnostics/{name}.py"],
+            cwd=root, check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        src = src.replace("from diagnostics import metrics as M", "import prev_metrics as M")
+        (tmp / f"prev_{name}.py").write_text(src)
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("prev_recorder").Recorder
 
 
 def batches(batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -96,10 +131,10 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
 class Trainer:
     """One model + optimizer (+ recorder) that can be advanced one timed step at a time."""
 
-    def __init__(self, opt_name: str, config: dict | None) -> None:
+    def __init__(self, opt_name: str, config: dict | None, recorder: type = Recorder) -> None:
         self.model = make_model()
         self.opt = make_optimizer(opt_name, self.model)
-        self.rec = Recorder(self.opt, self.model, **config) if config is not None else None
+        self.rec = recorder(self.opt, self.model, **config) if config is not None else None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """One training step (plus ``recorder.step``): (wall seconds, thread CPU seconds)."""
@@ -114,7 +149,7 @@ class Trainer:
 
 
 def measure(
-    opt_name: str, data, warmup: int, blocks: int, period: int
+    opt_name: str, data, warmup: int, blocks: int, period: int, previous: type | None = None
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per configuration, the (wall, CPU) time of each block of ``period`` steps.
 
@@ -122,8 +157,10 @@ def measure(
     step each in an order rotated every step, so that load from other processes hits all
     of them alike. CPU time is that of the training thread (``time.thread_time``).
     """
-    names = list(CONFIGS)
-    trainers = {n: Trainer(opt_name, CONFIGS[n]) for n in names}
+    trainers = {n: Trainer(opt_name, c) for n, c in CONFIGS.items()}
+    if previous is not None:
+        trainers.update({n: Trainer(opt_name, c, previous) for n, c in PREVIOUS.items()})
+    names = list(trainers)
     out: tuple[dict[str, list[float]], ...] = ({n: [] for n in names}, {n: [] for n in names})
     acc = {n: [0.0, 0.0] for n in names}
     for i in range(warmup + blocks * period):
@@ -163,13 +200,19 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=100, help="blocks of 10 steps measured")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--optimizers", nargs="+", default=["adamw", "singd"])
+    ap.add_argument("--previous", default=None, help="git revision of a recorder to compare")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    previous = load_previous(args.previous) if args.previous else None
     period = 10
     data = batches(128, 200)
+    from diagnostics.recorder import auto_workers
+
     print(
         f"torch {torch.__version__}, {args.threads} torch thread(s), "
-        f"{args.blocks} blocks x {period} steps (+{args.warmup} warm-up), interleaved"
+        f"{args.blocks} blocks x {period} steps (+{args.warmup} warm-up), interleaved; "
+        f'workers="auto" resolves to {auto_workers()} here; load average before: '
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     print("| optimizer | recorder | CPU ms / step (mean) | CPU overhead: median of block ratios "
           "[25%, 75%] | CPU: ratio of means | wall ms / step | wall overhead: median "
@@ -181,8 +224,8 @@ def main() -> None:
         except Exception as err:  # SINGD may not be importable
             print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | | | | | |")
             continue
-        wall, cpu = measure(opt_name, data, args.warmup, args.blocks, period)
-        for n in CONFIGS:
+        wall, cpu = measure(opt_name, data, args.warmup, args.blocks, period, previous)
+        for n in cpu:
             cells = []
             for times in (cpu, wall):
                 ms = 1e3 * statistics.fmean(times[n]) / period
@@ -191,6 +234,8 @@ def main() -> None:
                 else:
                     cells += [f"{ms:.3f}", *_overhead(times[n], times["none"])]
             print(f"| {opt_name} | {n} | " + " | ".join(cells) + " |")
+
+    print("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

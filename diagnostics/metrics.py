@@ -372,12 +372,15 @@ def _spectra(
 ) -> list[tuple[np.ndarray, bool]]:
     """Spectra of ``(role, kind, parts, dim)`` factors (see `factor_spectra`).
 
-    With ``auto``, float32 results above `FLOAT32_MAX_COND` are redone in float64.
+    With ``auto``, float32 results above `FLOAT32_MAX_COND` are redone in float64. Few
+    torch calls (per group of same-sized blocks: one stack, one product, one ``eigvalsh``,
+    one copy to the host); the per-factor work is numpy. This matters on a worker thread:
+    each torch call hands the GIL over, and the training thread waits at each hand-over.
     """
     n = len(prepared)
     if not n:
         return []
-    pieces: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    pieces: list[list[np.ndarray]] = [[] for _ in range(n)]
     groups: dict[tuple[int, str, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
     estimated: dict[int, torch.Tensor] = {}
     dtypes: list[torch.dtype] = []
@@ -387,29 +390,29 @@ def _spectra(
         else:  # float32 first unless the factor is stored in float64
             dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
         dtypes.append(dt)
-        parts = [p.to(dt) for p in parts]  # new tensors only where the dtype changes
         if kind in ("diagonal", "dense-diagonal"):
             d = parts[0] if kind == "diagonal" else torch.diagonal(parts[0])
-            pieces[i].append(d * d if role == "root" else d)
+            d = d.to("cpu", torch.float64).numpy()  # no decomposition: exact in float64
+            pieces[i].append(d * d if role == "root" else d.copy())
             continue
         if kind == "dense" and dim > max_dim:
-            estimated[i] = _estimate(parts[0], role, power_iters)
+            estimated[i] = _estimate(parts[0].to(dt), role, power_iters)
             continue
-        batches = [parts[0].unsqueeze(0)] if kind == "dense" else [parts[0], parts[1][None]]
+        batches = [parts[0]] if kind == "dense" else [parts[0], parts[1]]
         for b in batches:
-            if b.shape[0] and b.shape[-1]:
+            if b.numel():
                 groups.setdefault((b.shape[-1], role, dt), []).append((i, b))
-    for (_, role, _), members in groups.items():
-        stack = torch.cat([b for _, b in members]) if len(members) > 1 else members[0][1]
-        if role == "root":
-            sym = stack @ stack.mT
-        else:
-            sym = (stack + stack.mT) / 2
-        eig = torch.linalg.eigvalsh(sym)
+    for (_, role, dt), members in groups.items():
+        mats = [b if b.dim() == 3 else b[None] for _, b in members]
+        stack = torch.cat(mats) if len(mats) > 1 else mats[0]
+        if stack.dtype != dt:
+            stack = stack.to(dt)  # one upcast copy of the whole group
+        sym = stack @ stack.mT if role == "root" else (stack + stack.mT) / 2
+        eig = torch.linalg.eigvalsh(sym).to("cpu", torch.float64).numpy()
         start = 0
-        for i, b in members:
-            pieces[i].append(eig[start : start + b.shape[0]].reshape(-1))
-            start += b.shape[0]
+        for (i, _), m in zip(members, mats):
+            pieces[i].append(eig[start : start + m.shape[0]].reshape(-1))
+            start += m.shape[0]
     out: list[tuple[np.ndarray, bool]] = []
     redo: list[int] = []
     for i, (role, *_) in enumerate(prepared):
@@ -417,11 +420,11 @@ def _spectra(
             out.append((estimated[i].numpy().copy(), True))
             continue
         parts_i = pieces[i]
-        eig = torch.cat(parts_i) if len(parts_i) > 1 else parts_i[0]
-        eig = torch.sort(eig, descending=True).values
+        eig_np = np.concatenate(parts_i) if len(parts_i) > 1 else parts_i[0].copy()
+        eig_np.sort()
+        eig_np = eig_np[::-1].copy()  # descending
         if role == "root":
-            eig = eig.clamp_min(0.0)
-        eig_np = eig.detach().to("cpu", torch.float64).numpy().copy()
+            np.maximum(eig_np, 0.0, out=eig_np)
         out.append((eig_np, False))
         if auto and dtypes[i] != torch.float64 and eig_np.size:
             hi, lo = eig_np[0], eig_np[-1]

@@ -328,6 +328,7 @@ class Recorder:
         self._metrics: list[tuple] = []
         self._spec_blocks: list[tuple[int, str, str, np.ndarray]] = []  # (step, layer, factor, eig)
         self._fkeys: dict[tuple[str, str], tuple] = {}  # factor -> stamp at its last decomposition
+        self._nkeys: dict[tuple[str, str], tuple] = {}  # factor -> (stamp, norms of its tensors)
         self._flast: dict[tuple[str, str], tuple[np.ndarray, bool]] = {}  # its last spectrum
         self._events: list[dict[str, Any]] = []
         self._memory: list[tuple] = []
@@ -842,9 +843,22 @@ class Recorder:
             loss_v, factors, full=self.events, state=state_items if self.events else []
         )
         lazy = self._lazy_hooked(hook_items) if hook_items else []
+        # factors unchanged since the last recorded step keep their norms (no state with them)
+        nf = sum(len(f[3]) for f in factors)
+        fstart = len(cands) - nf
+        stamps: dict[tuple[str, str], tuple | None] = {}
+        known: dict[int, float] = {}
+        k = fstart
+        for layer, fname, view, parts, _ in factors:
+            stamp = stamps[(layer, fname)] = _stamp(view.matrix, parts)
+            old = self._nkeys.get((layer, fname))
+            if old is not None and stamp is not None and _same_stamp(old[0], view.matrix, stamp):
+                known.update(zip(range(k, k + len(parts)), old[1]))
+            k += len(parts)
         before = self._before
         n_upd = 0
-        tensors = [c[3] for c in cands]
+        tensors = [c[3] for i, c in enumerate(cands) if i not in known]
+        n_fresh = len(tensors)
         tensors.extend(it[3] for it in lazy)
         if before is not None and len(before) == 1 and self._flat:
             after = torch.cat([p.detach().reshape(-1) for p in self._params])
@@ -856,8 +870,20 @@ class Recorder:
             tensors.extend(before)
             n_upd = len(before)
         all_norms = _norms(tensors)
-        nc, nh = len(cands), len(lazy)
-        norms = all_norms[:nc]
+        nc, nh = n_fresh, len(lazy)
+        if known:
+            fresh = iter(all_norms[:nc])
+            norms = [known[i] if i in known else next(fresh) for i in range(len(cands))]
+        else:
+            norms = all_norms[:nc]
+        k = fstart
+        for layer, fname, _, parts, _ in factors:
+            stamp = stamps[(layer, fname)]
+            if stamp is None:
+                self._nkeys.pop((layer, fname), None)
+            else:
+                self._nkeys[(layer, fname)] = (stamp, norms[k : k + len(parts)])
+            k += len(parts)
         upd_norms = all_norms[nc + nh :] if n_upd else []
         if self.events:
             hooked = self._resolve_hooked(hook_items, all_norms[nc : nc + nh]) if hook_items else []
@@ -891,8 +917,7 @@ class Recorder:
         for i, g in enumerate(self.optimizer.param_groups):
             if "lr" in g:
                 mrows.append((s, f"group{i}", "optimizer", "lr", float(g["lr"])))
-        if factors:
-            self._record_factors(s, factors, fsq)
+        jobs = self._record_factors(s, factors, fsq, stamps) if factors else None
         # generic optimizer state (AdamW & co): second-moment statistics
         if self.spectra:
             moments = [it for it in state_items if it[2] in _SECOND_MOMENT_KEYS]
@@ -902,14 +927,17 @@ class Recorder:
                     mrows.append((s, layer, f"{short}.{key}", metric, v))
         if self.memory:
             self._record_memory(s)
+        if jobs:  # last: a worker started earlier slows the reads above (memory locks, caches)
+            self._start_factor_job(s, jobs)
 
     def _record_factors(
         self,
         s: int,
         factors: list[tuple[str, str, Any, list[torch.Tensor], str]],
         fsq: dict[tuple[str, str], float],
-    ) -> None:
-        """Factor metrics: norms and traces from the fused norms; spectra as a factor job.
+        stamps: dict[tuple[str, str], tuple | None],
+    ) -> list[tuple] | None:
+        """Factor metrics: norms and traces from the fused norms; the spectra job to start.
 
         A factor whose stored tensors are the same objects with the same version counters
         as at its last decomposition is not decomposed again: its previous spectrum is
@@ -941,7 +969,7 @@ class Recorder:
                 self._fkeys.pop(key, None)
                 jobs.append((layer, fname, role, None))
                 continue
-            stamp = _stamp(view.matrix, parts)
+            stamp = stamps[key]
             old = self._fkeys.get(key)
             if old is not None and stamp is not None and _same_stamp(old, view.matrix, stamp):
                 jobs.append((layer, fname, role, "reuse"))
@@ -959,14 +987,31 @@ class Recorder:
             ).tolist()
             for (layer, fname, _, _, finite), tr in zip(sym, traces):
                 mrows.append((s, layer, fname, "trace", float(tr) if finite else nan))
-        if moments:  # largest magnitude of each momentum, one fused call
+        if moments:  # largest magnitude of each momentum (aminmax: 10x faster than inf-norm)
             mparts = [p for _, _, parts, _ in moments for p in parts if p.numel()]
-            amax = iter(_norms(mparts, math.inf))
+            ext = iter(
+                torch.stack([torch.stack(torch.aminmax(p)).double() for p in mparts])
+                .abs()
+                .amax(1)
+                .tolist()
+                if mparts
+                else []
+            )
             for layer, fname, parts, finite in moments:
-                vals = [next(amax) for p in parts if p.numel()]
+                vals = [next(ext) for p in parts if p.numel()]
                 value = max(vals, default=0.0) if finite and vals else nan
                 mrows.append((s, layer, fname, "norm_max", value))
-        if not jobs:
+        return jobs or None
+
+    def _start_factor_job(self, s: int, jobs: list[tuple]) -> None:
+        """Decompose now (``workers=0``) or hand the job to the worker thread."""
+        if not any(isinstance(payload, tuple) for *_, payload in jobs):  # nothing to decompose
+            if self._pending:  # merge after the jobs before it (they hold the spectra reused)
+                done: Future = Future()
+                done.set_result([])
+                self._pending.append((s, jobs, done))
+            else:
+                self._merge(s, jobs, [])
             return
         if self._use_worker:
             if self._pool is None:

@@ -542,3 +542,100 @@ def test_train_records_the_kfac_inverse_failure_as_an_error_event():
     errors = ev[ev["message"] != ""]
     assert len(errors) == 1 and errors["phase"].iloc[0] == "preconditioner update"
     assert errors["message"].iloc[0].startswith("KFACInverseError")
+
+
+# ---------------------------------------------------------------------------- cost cutting
+
+
+def test_auto_workers_uses_a_thread_only_when_a_cpu_is_free(monkeypatch):
+    from diagnostics import recorder as R
+
+    monkeypatch.setattr(R.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(R.torch, "get_num_threads", lambda: 1)
+    assert R.auto_workers() == 1
+    monkeypatch.setattr(R.torch, "get_num_threads", lambda: 2)
+    assert R.auto_workers() == 0
+    model = _mlp()
+    opt = FakeFactorOptimizer(model.parameters(), torch.eye(3), torch.eye(2))
+    rec = Recorder(opt, model)  # workers="auto" is the default
+    assert rec.workers == 0 and rec.meta["recorder"]["workers_auto"] is True
+    assert Recorder(opt, model, workers=1).meta["recorder"]["workers_auto"] is False
+
+
+def _count_decompositions(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = M.parts_spectra
+
+    def counting(items, **kw):
+        calls.append(len(items))
+        return real(items, **kw)
+
+    monkeypatch.setattr(M, "parts_spectra", counting)
+    return calls
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unchanged_factors_are_not_decomposed_again_but_recorded_every_step(monkeypatch, workers):
+    calls = _count_decompositions(monkeypatch)
+    model = _mlp()
+    k = torch.tensor([[2.0, 0.3, 0.0], [0.1, 1.0, 0.2], [0.0, 0.0, 0.5]])
+    exact = (torch.linalg.svdvals(k.double()) ** 2).tolist()
+    opt = FakeFactorOptimizer(model.parameters(), k, torch.diag(torch.tensor([3.0, 1.0])))
+    rec = Recorder(opt, model, every=1, workers=workers)
+    _train(model, opt, rec, 3)
+    opt.k.mul_(2.0)  # in place: the version counter changes, so K is decomposed again
+    _train(model, opt, rec, 1)
+    opt.c = torch.diag(torch.tensor([5.0, 1.0]))  # a new tensor: C is decomposed again
+    _train(model, opt, rec, 1)
+    rec.close()
+    assert calls == [2, 1, 1]  # step 0: K and C; step 3: K; step 4: C
+    r = rec.recording
+    for step, scale in [(0, 1), (1, 1), (2, 1), (3, 4), (4, 4)]:
+        got = r.spectra[(r.spectra.step == step) & (r.spectra.factor == "K")]["value"]
+        assert got.tolist() == pytest.approx([scale * e for e in exact], rel=1e-5)
+        cond = r.metric("cond", "0", "K")
+        assert cond[cond.step == step]["value"].item() == pytest.approx(exact[0] / exact[-1], 1e-4)
+    trace_c = r.metric("trace", "0", "C")["value"].tolist()
+    assert trace_c == pytest.approx([10.0, 10.0, 10.0, 10.0, 26.0])
+    assert r.spectra.groupby("step").size().tolist() == [5] * 5
+    assert list(r.spectra["step"]) == sorted(r.spectra["step"])
+
+
+def test_singd_with_a_worker_records_the_same_as_inline_also_between_updates():
+    from singd import SINGD
+
+    def run(workers: int):
+        model = _mlp()
+        opt = SINGD(model, lr=0.01, T=3)
+        rec = Recorder(opt, model, every=2, workers=workers)
+        _train(model, opt, rec, 7)
+        mid = rec.recording  # read while training goes on: complete up to now
+        assert sorted(set(mid.spectra["step"])) == [0, 2, 4, 6]
+        _train(model, opt, rec, 2)
+        rec.close()
+        return rec.recording
+
+    a, b = run(0), run(1)
+    assert a.spectra.equals(b.spectra)
+    assert sorted(set(a.spectra["step"])) == [0, 2, 4, 6, 8]
+    cols = ["step", "layer", "factor", "metric"]
+    sa = a.metrics.sort_values(cols, kind="stable").reset_index(drop=True)
+    sb = b.metrics.sort_values(cols, kind="stable").reset_index(drop=True)
+    assert sa[cols].equals(sb[cols])
+    assert ((sa["value"] == sb["value"]) | (sa["value"].isna() & sb["value"].isna())).all()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_nan_factor_gets_nan_metrics_and_an_event_at_every_recorded_step(workers):
+    model = _mlp()
+    k = torch.eye(3)
+    k[1, 2] = float("nan")
+    opt = FakeFactorOptimizer(model.parameters(), k, torch.eye(2))
+    rec = Recorder(opt, model, every=1, workers=workers)
+    _train(model, opt, rec, 2)  # step 1: K unchanged, its cached norm is still NaN
+    rec.close()
+    r = rec.recording
+    assert r.metric("cond", "0", "K")["value"].isna().all()
+    assert len(r.spectra[r.spectra.factor == "K"]) == 0
+    ev = r.events[(r.events.layer == "0") & (r.events.tensor == "K")]
+    assert ev["step"].tolist() == [0, 1] and ev["n_nan"].tolist() == [1, 1]
