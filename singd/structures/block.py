@@ -107,9 +107,17 @@ class BlockDiagonal(StructuredMatrix):
         return self._apply(X.contiguous(), transpose=True)
 
     def _from_inner(self, X: Tensor) -> BlockDiagonal:
-        Y = self._apply(X.contiguous(), transpose=True)
         nb, N, cut = self.blocks.shape[0], self.N, self._cut
-        Yb = Y[:cut].reshape(nb, N, X.shape[1])
+        n = X.shape[1]
+        if n >= N:
+            # Pi(S^T X X^T S) needs only the diagonal blocks A_i = X_i X_i^T of X X^T, then
+            # S_i^T A_i S_i: half the flops of forming S^T X first, and no copy of X
+            Xb, Xl = X[:cut].reshape(nb, N, n), X[cut:]
+            A = torch.bmm(Xb, Xb.transpose(1, 2))
+            blocks = torch.bmm(self.blocks.transpose(1, 2), torch.bmm(A, self.blocks))
+            return self._project(self.dim, blocks, self.last.T @ (Xl @ Xl.T) @ self.last)
+        Y = self._apply(X.contiguous(), transpose=True)
+        Yb = Y[:cut].reshape(nb, N, n)
         Yl = Y[cut:]
         return self._project(self.dim, torch.bmm(Yb, Yb.transpose(1, 2)), Yl @ Yl.T)
 

@@ -100,3 +100,18 @@ def test_block_diagonal_keeps_block_grams_when_the_cache_lives_one_step():
     F = structure("block4diagonal").eye(10, torch.float32, "cpu")
     assert gram(F).kind == "structured"
     assert gram(structure("hierarchical3_2").eye(10, torch.float32, "cpu")) is None
+
+
+@pytest.mark.parametrize("d", [3, 5, 12, 14])
+@pytest.mark.parametrize("n", [2, 5, 40])
+def test_block_statistic_from_gram_blocks_equals_the_projected_product(d, n):
+    """With at least N columns the block statistic comes from the diagonal blocks of X X^T
+    (no product with the factor first); both routes equal Pi(S^T X X^T S)."""
+    torch.manual_seed(d * n)
+    cls = structure("block5diagonal")
+    S = cls.from_dense(torch.randn(d, d, dtype=torch.float64))
+    rows = torch.randn(n, d, dtype=torch.float64)
+    A = S.to_dense()
+    expected = cls.from_dense(A.T @ rows.T @ rows @ A).to_dense()
+    torch.testing.assert_close(S.from_inner(rows.T).to_dense(), expected)  # transposed view
+    torch.testing.assert_close(S.from_inner(rows.T.contiguous()).to_dense(), expected)
