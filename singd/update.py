@@ -260,7 +260,9 @@ def gram(F: StructuredMatrix, other_dim: int | None = None, T: int = 1) -> Gram 
         return Gram("diag", F.diag.square())
     if F.dim > DENSE_GRAM_MAX and other_dim is not None and F.dim > T * other_dim:
         return None
-    if isinstance(F, (Dense, Triangular)):
+    if isinstance(F, Triangular):
+        return Gram("dense", F.gram_matrix())
+    if isinstance(F, Dense):
         return Gram("dense", F.mat @ F.mat.T)
     if F.dim <= DENSE_GRAM_MAX and T > 1:
         dense = F.to_dense()

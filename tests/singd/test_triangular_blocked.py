@@ -74,6 +74,7 @@ def check_all_products(name: str, d: int, dtype: torch.dtype, n: int = 7) -> Non
         "from_gram": (A.from_gram(Sym).mat, ref_pi(name, m.T @ sym @ m)),
         "gram_left": (A.gram_left(X), m @ m.T @ x),
         "gram_right": (A.gram_right(X.T), x.T @ m @ m.T),
+        "gram_matrix": (A.gram_matrix(), m @ m.T),
     }
     for what, (got, want) in cases.items():
         assert got.dtype == dtype, what
@@ -108,6 +109,27 @@ def test_thin_dense_operands_take_the_plain_product_and_agree(name):
     d = tri.BLOCKED_FROM + 9
     assert tri.blocked(d) and not tri.blocked(d, 2)
     check_all_products(name, d, torch.float64, n=2)
+
+
+@pytest.mark.parametrize("name", ["tril", "triu"])
+@pytest.mark.parametrize("d", [2 * tri.THIN, tri.BLOCKED_FROM + 9])
+def test_thin_gram_left_takes_the_transposed_form_and_agrees(name, d):
+    n = tri.THIN
+    A = structure(name)(triangle(name, d, torch.float64, 4))
+    X = torch.randn(d, n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    got = A.gram_left(X)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, A.mat @ A.mat.T @ X, rtol=1e-10, atol=1e-10)
+
+
+def test_blocked_gram_matrix_mirrors_its_off_diagonal_blocks_exactly(monkeypatch):
+    small_blocks(monkeypatch, 3)
+    for name in ("tril", "triu"):
+        A = structure(name)(triangle(name, 11, torch.float32, 6))
+        P = A.gram_matrix()
+        for s, e in tri._blocks(11):  # outside the diagonal blocks: exact mirror images
+            assert torch.equal(P[s:e, :s], P[:s, s:e].T)
+        torch.testing.assert_close(P, P.T, rtol=1e-6, atol=1e-6)
 
 
 def test_block_edges_cover_the_matrix_with_the_remainder_in_the_last_block(monkeypatch):
