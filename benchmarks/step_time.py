@@ -194,6 +194,8 @@ def measure(model_name: str, steps: int, rounds: int, warmup: int) -> dict[str, 
             "mean": cycle_mean(ts),
             "steps": len(ts),
             "bytes": state_bytes(runs[n][1]),
+            # SINGD: whether statistics buffers survive the last step() (they must not)
+            "pending": getattr(runs[n][1], "statistics_pending", lambda: False)(),
         }
         for n, ts in times.items()
     }
@@ -260,12 +262,15 @@ def main() -> None:
         if threads == args.threads[0]:
             lines.append("Optimizer-state bytes (T=1; T=10 adds the cached Gram matrices):")
             lines.append("")
-            lines.append("| optimizer | MLP bytes | CNN bytes |")
-            lines.append("|---|---:|---:|")
+            lines.append(
+                "| optimizer | MLP bytes | CNN bytes | statistics buffers left after step() |"
+            )
+            lines.append("|---|---:|---:|---|")
             for name in ["AdamW", *(n for n, _ in CONFIGS)]:
+                left = [m for m in MODELS if results[m][name]["pending"]]
                 lines.append(
                     f"| {name} | {results['MLP'][name]['bytes']} | "
-                    f"{results['CNN'][name]['bytes']} |"
+                    f"{results['CNN'][name]['bytes']} | {', '.join(left) or 'none'} |"
                 )
             lines.append("")
     header = (
