@@ -13,6 +13,7 @@ Configurations (each against the same training loop without any recorder):
 - ``every10-events-only``: ``spectra=False, memory=False`` (norms and events only);
 - ``every4-nospectra``: ``every=4, spectra=False`` (Cockpit's cheapest preset, about 1.2x at
   interval 4, for comparison; the blocks of 10 steps then hold 2 or 3 recorded steps);
+- ``every4``: ``every=4``, the defaults (``workers="auto"``);
 - ``every4-inline``: ``every=4, workers=0`` (full spectra on the training thread).
 
 With ``--previous REV`` the recorder of git revision REV (``diagnostics/recorder.py`` and
@@ -54,6 +55,7 @@ CONFIGS: dict[str, dict | None] = {
     "every10-events-only": {"every": 10, "spectra": False, "memory": False},
     "every10-inline": {"every": 10, "workers": 0},
     "every4-nospectra": {"every": 4, "spectra": False},
+    "every4": {"every": 4},
     "every4-inline": {"every": 4, "workers": 0},
 }
 PREVIOUS: dict[str, dict] = {

@@ -17,6 +17,7 @@ resolves condition numbers up to about ``1e13``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -587,16 +588,39 @@ def second_moment_summaries(items: list[tuple[torch.Tensor, float]]) -> list[dic
     return out
 
 
+_FDS: dict[tuple[str, int], tuple[int, int]] = {}  # (path, flags) -> (pid, open fd)
+
+
+def _proc_fd(path: str, flags: int) -> int:
+    """An fd of a ``/proc/self`` file, kept open (reopening costs about half of a read);
+    reopened after a fork (the old one would still show the parent)."""
+    pid = os.getpid()
+    got = _FDS.get((path, flags))
+    if got is not None and got[0] == pid:
+        return got[1]
+    fd = os.open(path, flags)  # OSError goes to the caller
+    if got is not None and got[0] == pid:  # pragma: no cover - another thread won
+        os.close(fd)
+        return got[1]
+    _FDS[(path, flags)] = (pid, fd)
+    return fd
+
+
+def _forget_fd(path: str, flags: int) -> None:
+    """Close and drop a kept fd (after an error)."""
+    got = _FDS.pop((path, flags), None)
+    if got is not None and got[0] == os.getpid():
+        with contextlib.suppress(OSError):
+            os.close(got[1])
+
+
 def read_status_bytes(field: str) -> int | None:
     """A memory field of ``/proc/self/status`` (e.g. ``"VmRSS"``, ``"VmHWM"``) in bytes, or
     None where there is no such file (systems other than Linux)."""
     try:
-        fd = os.open(_STATUS, os.O_RDONLY)
-        try:
-            data = os.read(fd, 1 << 16)
-        finally:
-            os.close(fd)
+        data = os.pread(_proc_fd(_STATUS, os.O_RDONLY), 1 << 16, 0)
     except OSError:
+        _forget_fd(_STATUS, os.O_RDONLY)
         return None
     start = data.find(field.encode() + b":")
     if start < 0:
@@ -617,16 +641,11 @@ def reset_peak_rss() -> bool:
     on systems other than Linux); on failure the peak stays the peak since process start.
     """
     try:
-        fd = os.open(_CLEAR_REFS, os.O_WRONLY)
-    except OSError:
-        return False
-    try:
-        os.write(fd, b"5")
+        os.pwrite(_proc_fd(_CLEAR_REFS, os.O_WRONLY), b"5", 0)
         return True
     except OSError:
+        _forget_fd(_CLEAR_REFS, os.O_WRONLY)
         return False
-    finally:
-        os.close(fd)
 
 
 def cuda_peak_bytes(device: torch.device | int | None = None, reset: bool = True) -> int | None:

@@ -30,14 +30,27 @@ What it costs, by step kind:
   on every module that owns parameters are installed just for this step; at `step` the
   recorder reads the loss, gradients, parameters, the update (parameters before/after
   ``optimizer.step()``, snapshotted by a step pre-hook), optimizer state, factors (through
-  ``preconditioner_factors()`` when the optimizer has it), and memory.
+  ``preconditioner_factors()`` when the optimizer has it), and memory. All their norms
+  (and the finiteness of the hooked tensors) come from one fused ``torch._foreach_norm``
+  with one host read; a factor whose stored tensors are unchanged since the last recorded
+  step (same objects, same version counters) keeps its norms.
 - **spectra** (``spectra=True``, recorded steps): read structure-aware through
-  `metrics.factor_parts` (diagonal factors: their entries, no decomposition;
-  block-diagonal: per block; others dense) and batched by `metrics.summarize_factors`
-  (all square blocks of one size, across layers, in one float64 product and one
-  ``eigvalsh``). On the digits MLP (six dense factors of size 10 to 129) this is about
-  3 ms per recorded step on one CPU core, two SINGD steps' worth: most of the
-  recorder's cost there (see ``benchmarks/RESULTS.md``, "Recorder overhead").
+  `metrics.spectral_parts` (diagonal factors: their entries, no decomposition;
+  block-diagonal: per block; others dense) and batched by `metrics.parts_spectra` (all
+  square blocks of one size, across layers, in one product and one ``eigvalsh``; float32
+  first for float32 and 16-bit factors, float64 again for a factor whose float32
+  condition number exceeds `metrics.FLOAT32_MAX_COND` = 1e4, see `diagnostics.metrics`).
+  A factor unchanged since its last decomposition (same objects, same version counters;
+  SINGD changes K and C only every T steps) is not decomposed again: its spectrum is
+  recorded again for the new step. On the digits MLP (six dense factors of size 10 to
+  129) a decomposition costs about 1.7 ms on one CPU core, more than a SINGD step
+  (1.3 ms). With ``workers="auto"`` (default) it runs on a worker thread when this
+  process may use more CPUs than torch's intra-op threads
+  (``len(os.sched_getaffinity(0)) > torch.get_num_threads()``, see `auto_workers`);
+  the training thread then only copies the factors to decompose. The worker only
+  helps when that CPU is really idle: on a machine whose other cores are busy it
+  competes with the training thread for a core (see ``benchmarks/RESULTS.md``,
+  "Recorder overhead").
 - a tripped finiteness check on an unrecorded step gets the same detailed inspection of
   loss, gradients, parameters, factors and state (phases ``forward``, ``backward``,
   ``preconditioner update``, ``parameter update``), and arms the hooks for the next step so
@@ -47,8 +60,11 @@ Optimizer state is read through the public view only: ``preconditioner_factors()
 ``state_bytes()`` when present (SINGD, KFAC); otherwise ``optimizer.state`` (the public
 ``torch.optim`` state, e.g. AdamW's ``exp_avg``/``exp_avg_sq``). Everything is read-only:
 norms and counts are reductions over the tensors (16-bit ones accumulated in float32),
-spectra are computed on float64 copies; training numbers are never modified, and the
-hooks return nothing (they never replace an activation or a gradient).
+spectra are computed on upcast copies (float32 or float64, never in place); training
+numbers are never modified, and the hooks return nothing (they never replace an
+activation or a gradient). In-place changes made through ``.data`` do not move a tensor's
+version counter: an optimizer that changes its factors that way would have them taken as
+unchanged (SINGD and KFAC replace or update them through ordinary tensor operations).
 
 Memory: hooked activations and output gradients of a recorded step are referenced until
 `step` (the activations are kept by autograd anyway; the output gradients add about one
@@ -229,8 +245,11 @@ class Recorder:
         config, seed: stored in ``recording.meta``.
         max_events: stop adding events after this many (a broken run repeats them each step).
         workers: threads that compute factor spectra from copies taken at the recorded
-            step, while training goes on (0: compute them inside `step`). Results are
-            merged in step order; `recording` waits for pending ones.
+            step, while training goes on (0: compute them inside `step`); ``"auto"``
+            (default): 1 where this process may use more CPUs than torch's intra-op
+            threads, else 0 (`auto_workers`). Results are merged in step order, and
+            `recording` (hence saving, reports and dashboards) and `close` wait for
+            pending ones, so what is read is always complete up to the last step.
     """
 
     def __init__(
@@ -989,14 +1008,13 @@ class Recorder:
                 mrows.append((s, layer, fname, "trace", float(tr) if finite else nan))
         if moments:  # largest magnitude of each momentum (aminmax: 10x faster than inf-norm)
             mparts = [p for _, _, parts, _ in moments for p in parts if p.numel()]
-            ext = iter(
-                torch.stack([torch.stack(torch.aminmax(p)).double() for p in mparts])
-                .abs()
-                .amax(1)
-                .tolist()
-                if mparts
-                else []
-            )
+            if not mparts:
+                ext = iter([])
+            elif self._cpu:  # no sync to save: floats straight away (half the time)
+                ext = iter([max(-float(lo), float(hi)) for lo, hi in map(torch.aminmax, mparts)])
+            else:  # one host sync
+                mm = torch.stack([torch.stack(torch.aminmax(p)).double() for p in mparts])
+                ext = iter(mm.abs().amax(1).tolist())
             for layer, fname, parts, finite in moments:
                 vals = [next(ext) for p in parts if p.numel()]
                 value = max(vals, default=0.0) if finite and vals else nan

@@ -639,3 +639,21 @@ def test_a_nan_factor_gets_nan_metrics_and_an_event_at_every_recorded_step(worke
     assert len(r.spectra[r.spectra.factor == "K"]) == 0
     ev = r.events[(r.events.layer == "0") & (r.events.tensor == "K")]
     assert ev["step"].tolist() == [0, 1] and ev["n_nan"].tolist() == [1, 1]
+
+
+def test_momentum_factors_get_their_frobenius_and_max_norms():
+    class WithMomentum(FakeFactorOptimizer):
+        def preconditioner_factors(self):
+            out = super().preconditioner_factors()
+            m = torch.tensor([[1.0, -3.0], [2.0, 0.0]])
+            out["0"].factors["m_C"] = FactorView(m, "momentum", "dense")
+            return out
+
+    model = _mlp()
+    opt = WithMomentum(model.parameters(), torch.eye(3), torch.eye(2))
+    rec = Recorder(opt, model, every=1)
+    _train(model, opt, rec, 1)
+    r = rec.recording
+    assert r.metric("norm_max", "0", "m_C")["value"].item() == 3.0
+    assert r.metric("norm_fro", "0", "m_C")["value"].item() == pytest.approx(math.sqrt(14.0))
+    assert r.metric("norm_max", "0", "m_K")["value"].item() == 0.0
