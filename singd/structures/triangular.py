@@ -61,7 +61,7 @@ THIN = 12
 
 
 def blocked(d: int, n: int | None = None) -> bool:
-    """Whether products of size-``d`` triangular matrices (with a dense operand of ``n``
+    """Whether CPU products of size-``d`` triangular matrices (with a dense operand of ``n``
     columns, if given) run blocked; the sizes were measured on one CPU thread."""
     return d >= BLOCKED_FROM and (n is None or d * n >= BLOCKED_DENSE_FROM)
 
@@ -186,57 +186,68 @@ class Triangular(StructuredMatrix):
     def average_trace(self) -> Tensor:
         return self.mat.diagonal().mean()
 
+    def _blocked(self, n: int | None = None, other: Tensor | None = None) -> bool:
+        """Whether a product with this matrix (and ``other``, a dense operand of ``n``
+        columns or another triangle) runs blocked: on the CPU only (where the sizes were
+        measured), and not where autograd must record it (``out=`` products are not)."""
+        mat = self.mat
+        if mat.device.type != "cpu" or not blocked(self.dim, n):
+            return False
+        if torch.is_grad_enabled():
+            return not (mat.requires_grad or (other is not None and other.requires_grad))
+        return True
+
     def _matmul(self, other: Triangular) -> Triangular:
-        if blocked(self.dim):
+        if self._blocked(None, other.mat):
             return self._wrap(self.dim, tri_tri(self.mat, other.mat, self.lower))
         return self._wrap(self.dim, self._mask_(self.mat @ other.mat))
 
     def _matmat(self, X: Tensor) -> Tensor:
-        if blocked(self.dim, X.shape[1]):
+        if self._blocked(X.shape[1], X):
             return tri_dense(self.mat, self.lower, X)
         return self.mat @ X
 
     def _rmatmat(self, X: Tensor) -> Tensor:
-        if blocked(self.dim, X.shape[1]):
+        if self._blocked(X.shape[1], X):
             return tri_dense(self.mat.T, not self.lower, X)
         return self.mat.T @ X
 
     def _from_inner(self, X: Tensor) -> Triangular:
-        if blocked(self.dim, X.shape[1]):
+        if self._blocked(X.shape[1], X):
             Y = dense_tri(X.T, self.mat, self.lower)  # X^T S
             return self._project(gram_part(Y, self.lower))
         return self._project(symmetric_gram(X.T @ self.mat))
 
     def _from_inner_eye(self) -> Triangular:
-        if blocked(self.dim):
+        if self._blocked():
             return self._project(tri_dense_part(self.mat.T, not self.lower, self.mat))
         return self._project(symmetric_gram(self.mat))
 
     def from_gram(self, A: Tensor) -> Triangular:
         """``Pi(S^T A S)`` for a symmetric ``(dim, dim)`` tensor ``A`` (e.g. ``X^T X``)."""
-        if blocked(self.dim):
+        if self._blocked(None, A):
             AS = dense_tri(A, self.mat, self.lower)
             return self._project(tri_dense_part(self.mat.T, not self.lower, AS))
         return self._project(self.mat.T @ A @ self.mat)
 
     def gram_left(self, X: Tensor) -> Tensor:
         """``S S^T X`` for ``X`` of shape ``(dim, n)``."""
-        if X.shape[1] <= THIN and self.dim >= 2 * THIN:  # as (X^T S S^T)^T: see THIN
-            return self.gram_right(X.T).T.contiguous()
-        if blocked(self.dim, X.shape[1]):
+        if X.shape[1] <= THIN and self.dim >= 2 * THIN and X.device.type == "cpu":
+            return self.gram_right(X.T).T.contiguous()  # as (X^T S S^T)^T: see THIN
+        if self._blocked(X.shape[1], X):
             return tri_dense(self.mat, self.lower, tri_dense(self.mat.T, not self.lower, X))
         return self.mat @ (self.mat.T @ X)
 
     def gram_right(self, X: Tensor) -> Tensor:
         """``X S S^T`` for ``X`` of shape ``(n, dim)``."""
-        if blocked(self.dim, X.shape[0]):
+        if self._blocked(X.shape[0], X):
             XS = dense_tri(X, self.mat, self.lower)
             return dense_tri(XS, self.mat.T, not self.lower)
         return (X @ self.mat) @ self.mat.T
 
     def gram_matrix(self) -> Tensor:
         """The dense symmetric ``S S^T`` (e.g. a preconditioner cache)."""
-        if not blocked(self.dim):
+        if not self._blocked():
             return self.mat @ self.mat.T
         # the blocks of S S^T opposite to the triangle, then mirrored into the others
         out = tri_dense_part(self.mat, self.lower, self.mat.T)

@@ -180,3 +180,20 @@ def test_optimizer_with_forced_blocking_equals_dense_reference(monkeypatch, name
     assert not outside(name, K).any()
     for (pname, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9, msg=f"parameter {pname} differs")
+
+
+@pytest.mark.parametrize("name", ["tril", "triu"])
+def test_blocked_sizes_keep_autograd_working(monkeypatch, name):
+    small_blocks(monkeypatch, 2)
+    M = triangle(name, 6, torch.float64, 7).requires_grad_()
+    X = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    A, B = structure(name)(M), structure(name)(M.detach())
+    loss = (A @ X).square().sum() + (B @ A).mat.sum() + A.from_inner(X).mat.sum()
+    loss.backward()
+    m, x = M.detach().clone().requires_grad_(), X.detach().clone().requires_grad_()
+    P = m.detach() @ m
+    P = P - outside(name, P)  # the triangle of the product, as the structure keeps it
+    ref = (m @ x).square().sum() + P.sum() + ref_pi(name, m.T @ x @ x.T @ m).sum()
+    ref.backward()
+    torch.testing.assert_close(M.grad, m.grad)
+    torch.testing.assert_close(X.grad, x.grad)
