@@ -559,23 +559,33 @@ def second_moment_summary(v: torch.Tensor, eps: float = 0.0) -> dict[str, float]
 
 
 def second_moment_summaries(items: list[tuple[torch.Tensor, float]]) -> list[dict[str, float]]:
-    """`second_moment_summary` of many tensors with one host sync.
+    """`second_moment_summary` of many tensors (one host sync off the CPU).
 
     Reductions run in each tensor's own storage (no copy; ``aminmax`` and a float64 sum),
     so NaN propagates into the results (and the condition number becomes NaN).
     """
-    parts: list[torch.Tensor] = []
-    for v, _ in items:
-        x = v.detach()
-        if x.numel() == 0:
-            parts.append(torch.full((3,), math.nan, dtype=torch.float64, device=x.device))
-            continue
-        lo, hi = torch.aminmax(x)
-        parts.append(torch.stack([lo.double(), hi.double(), x.sum(dtype=torch.float64)]))
-    if not parts:
+    if not items:
         return []
-    dev = parts[0].device
-    values = torch.stack([p.to(dev) for p in parts]).tolist()
+    if all(v.device.type == "cpu" for v, _ in items):  # no sync to save: floats at once
+        values = []
+        for v, _ in items:
+            x = v.detach()
+            if x.numel() == 0:
+                values.append((math.nan, math.nan, math.nan))
+                continue
+            lo, hi = torch.aminmax(x)
+            values.append((float(lo), float(hi), float(x.sum(dtype=torch.float64))))
+    else:
+        parts: list[torch.Tensor] = []
+        for v, _ in items:
+            x = v.detach()
+            if x.numel() == 0:
+                parts.append(torch.full((3,), math.nan, dtype=torch.float64, device=x.device))
+                continue
+            lo, hi = torch.aminmax(x)
+            parts.append(torch.stack([lo.double(), hi.double(), x.sum(dtype=torch.float64)]))
+        dev = parts[0].device
+        values = torch.stack([p.to(dev) for p in parts]).tolist()
     out = []
     for (v, eps), (lo, hi, total) in zip(items, values):
         mean = total / v.numel() if v.numel() else math.nan
