@@ -30,8 +30,11 @@ def _pi_mask(d: int, lower: bool, dtype: torch.dtype, device: torch.device) -> T
 # ---------------------------------------------------------------------- blocked products
 #: Matrices of at least this size use the blocked triangular products below (smaller ones:
 #: one BLAS product of the masked dense tensor, which is cheaper than several small calls).
+#: Measured on one thread, K m + Pi(K^T K) + Pi(K^T X X^T K) + Pi(K^T A K): d = 160 plain
+#: 0.52 ms vs blocked 0.57 ms; d = 192 0.83 vs 0.72; d = 256 1.8 vs 1.3; d = 513 17 vs 6.6.
 BLOCKED_FROM = 192
-#: Width of the blocks of the blocked products (the last block takes the remainder).
+#: Width of the blocks of the blocked products (the last block takes the remainder); 64, 96
+#: and 160 were no faster at d = 513, 256 was slower.
 BLOCK = 128
 
 
