@@ -271,15 +271,6 @@ def gram(F: StructuredMatrix, other_dim: int | None = None, T: int = 1) -> Gram 
         blocks = torch.bmm(F.blocks, F.blocks.transpose(1, 2))
         return Gram("structured", type(F)._wrap(F.dim, blocks, F.last @ F.last.T))
     return None
-    if isinstance(F, BlockDiagonal):
-        blocks = torch.bmm(F.blocks, F.blocks.transpose(1, 2))
-        return Gram("structured", type(F)._wrap(F.dim, blocks, F.last @ F.last.T))
-    if isinstance(F, (Dense, Triangular)):
-        return Gram("dense", F.mat @ F.mat.T)
-    if F.dim <= DENSE_GRAM_MAX:
-        dense = F.to_dense()
-        return Gram("dense", dense @ dense.T)
-    return None
 
 
 def _toeplitz_rows(F: TriangularToeplitz, R: Tensor) -> Tensor:
