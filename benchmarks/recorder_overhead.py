@@ -21,15 +21,19 @@ With ``--previous REV`` the recorder of git revision REV (``diagnostics/recorder
 alongside in the same interleaved run, in the configurations named ``prev-...``.
 
 Method: every configuration trains its own identically seeded model on the same batches,
-and all of them advance *together*, one step each, in an order rotated every step, so
-that load from other processes on a shared machine hits them alike. Each step is timed
-(``zero_grad`` to ``recorder.step`` inclusive) by the CPU time of the training thread
-(``time.thread_time``, default: on a shared machine it is far less disturbed by other
-processes than the wall clock, and with one torch thread and ``workers=0`` all work of
-a step runs on that thread) and by the wall clock, both reported. Steps are grouped in
-blocks of 10 (one recording period, so every block holds exactly one recorded step);
-the overhead of a configuration is the median over blocks of (its block time / the
+and all of them advance *together*, one block of 10 steps each (one recording period,
+the recorded step first), in an order rotated every block, so that load from other
+processes on a shared machine hits them alike; after its block, a recorder's pending
+spectra are waited for outside the timed steps, so that a worker thread overlaps only
+its own configuration's steps (the script prints how often it was still busy then).
+Each step is timed (``zero_grad`` to ``recorder.step`` inclusive) by the CPU time of the
+training thread (``time.thread_time``, default: on a shared machine it is far less
+disturbed by other processes than the wall clock, and with one torch thread and
+``workers=0`` all work of a step runs on that thread) and by the wall clock, both
+reported. Every block holds exactly one recorded step (every=4: two or three); the
+overhead of a configuration is the median over blocks of (its block time / the
 no-recorder block time) - 1, with the quartiles, and also the ratio of the mean times.
+With a worker thread, read the wall columns: its CPU time is not the training thread's.
 Run with::
 
     .venv/bin/python benchmarks/recorder_overhead.py --threads 1 --blocks 100
@@ -150,38 +154,55 @@ class Trainer:
         return time.perf_counter() - t0, time.thread_time() - c0
 
 
+def _wait(rec) -> int:
+    """Let a recorder's worker finish (outside the timed steps); how many jobs still ran."""
+    if hasattr(rec, "flush"):
+        return rec.flush()
+    running = sum(not f.done() for f in rec._pending)  # a previous revision without flush()
+    rec._drain(wait=True)
+    return running
+
+
 def measure(
     opt_name: str, data, warmup: int, blocks: int, period: int, previous: type | None = None
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per configuration, the (wall, CPU) time of each block of ``period`` steps.
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Per configuration, the (wall, CPU) time of each block of ``period`` steps, and how
+    many blocks ended with the recorder's worker still busy.
 
-    Each block holds exactly one recorded step. All configurations advance together, one
-    step each in an order rotated every step, so that load from other processes hits all
-    of them alike. CPU time is that of the training thread (``time.thread_time``).
+    Each block holds exactly one recorded step (its first). The configurations take turns
+    block by block, in an order rotated every block, so that load from other processes
+    hits all of them alike; a configuration's ``period`` steps run back to back, so that
+    its worker thread (if any) overlaps its own steps only: after its block, the
+    recorder's pending spectra are waited for outside the timed steps (counted: a job
+    still running then means the worker did not keep up). CPU time is that of the
+    training thread (``time.thread_time``).
     """
     trainers = {n: Trainer(opt_name, c) for n, c in CONFIGS.items()}
     if previous is not None:
         trainers.update({n: Trainer(opt_name, c, previous) for n, c in PREVIOUS.items()})
     names = list(trainers)
     out: tuple[dict[str, list[float]], ...] = ({n: [] for n in names}, {n: [] for n in names})
-    acc = {n: [0.0, 0.0] for n in names}
-    for i in range(warmup + blocks * period):
-        x, y = data[i % len(data)]
-        k = i % len(names)
+    late = dict.fromkeys(names, 0)
+    warm_blocks = -(-warmup // period)
+    for b in range(warm_blocks + blocks):
+        k = b % len(names)
         for n in names[k:] + names[:k]:
-            wall, cpu = trainers[n].step(x, y)
-            if i >= warmup:
-                acc[n][0] += wall
-                acc[n][1] += cpu
-        if i >= warmup and (i - warmup + 1) % period == 0:
-            for n in names:
-                for c in (0, 1):
-                    out[c][n].append(acc[n][c])
-                acc[n] = [0.0, 0.0]
+            t = trainers[n]
+            wall = cpu = 0.0
+            for j in range(period):
+                x, y = data[(b * period + j) % len(data)]
+                w, c = t.step(x, y)
+                wall += w
+                cpu += c
+            busy = _wait(t.rec) if t.rec is not None else 0
+            if b >= warm_blocks:
+                out[0][n].append(wall)
+                out[1][n].append(cpu)
+                late[n] += busy > 0
     for t in trainers.values():
         if t.rec is not None:
             t.rec.close()
-    return out[0], out[1]
+    return out[0], out[1], late
 
 
 def _overhead(ts: list[float], base: list[float]) -> tuple[str, str]:
@@ -226,7 +247,7 @@ def main() -> None:
         except Exception as err:  # SINGD may not be importable
             print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | | | | | |")
             continue
-        wall, cpu = measure(opt_name, data, args.warmup, args.blocks, period, previous)
+        wall, cpu, late = measure(opt_name, data, args.warmup, args.blocks, period, previous)
         for n in cpu:
             cells = []
             for times in (cpu, wall):
@@ -236,6 +257,8 @@ def main() -> None:
                 else:
                     cells += [f"{ms:.3f}", *_overhead(times[n], times["none"])]
             print(f"| {opt_name} | {n} | " + " | ".join(cells) + " |")
+        busy = {n: v for n, v in late.items() if v}
+        print(f"({opt_name}: blocks that ended with the worker still busy: {busy or 'none'})")
 
     print("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 

@@ -573,6 +573,13 @@ class Recorder:
             self._cache = self._build()
         return self._cache
 
+    def flush(self) -> int:
+        """Wait for the worker's pending spectra and merge them; returns how many jobs were
+        still running (0 without a worker). `recording` and `close` do this themselves."""
+        running = sum(not fut.done() for _, _, fut in self._pending)
+        self._drain(wait=True)
+        return running
+
     def close(self) -> None:
         """Remove all hooks (idempotent); the recording stays readable."""
         self._disarm()

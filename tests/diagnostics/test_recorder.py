@@ -612,6 +612,7 @@ def test_singd_with_a_worker_records_the_same_as_inline_also_between_updates():
         mid = rec.recording  # read while training goes on: complete up to now
         assert sorted(set(mid.spectra["step"])) == [0, 2, 4, 6]
         _train(model, opt, rec, 2)
+        assert 0 <= rec.flush() <= 1 and rec.flush() == 0  # nothing left after a flush
         rec.close()
         return rec.recording
 
