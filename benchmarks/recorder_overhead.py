@@ -22,7 +22,8 @@ alongside in the same interleaved run, in the configurations named ``prev-...``.
 
 Method: every configuration trains its own identically seeded model on the same batches,
 and all of them advance *together*, one block of 10 steps each (one recording period,
-the recorded step first), in an order rotated every block, so that load from other
+the recorded step in its middle, after five steps of the same model as in training), in
+an order rotated every block, so that load from other
 processes on a shared machine hits them alike; after its block, a recorder's pending
 spectra are waited for outside the timed steps, so that a worker thread overlaps only
 its own configuration's steps (the script prints how often it was still busy then).
@@ -34,6 +35,9 @@ reported. Every block holds exactly one recorded step (every=4: two or three); t
 overhead of a configuration is the median over blocks of (its block time / the
 no-recorder block time) - 1, with the quartiles, and also the ratio of the mean times.
 With a worker thread, read the wall columns: its CPU time is not the training thread's.
+``--interleave step`` takes turns step by step instead (the method used before): every
+step then starts with cold caches (a slower baseline, smaller ratios), and a worker
+thread runs during the other configurations' steps too.
 Run with::
 
     .venv/bin/python benchmarks/recorder_overhead.py --threads 1 --blocks 100
@@ -164,18 +168,28 @@ def _wait(rec) -> int:
 
 
 def measure(
-    opt_name: str, data, warmup: int, blocks: int, period: int, previous: type | None = None
+    opt_name: str,
+    data,
+    warmup: int,
+    blocks: int,
+    period: int,
+    previous: type | None = None,
+    interleave: str = "block",
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
     """Per configuration, the (wall, CPU) time of each block of ``period`` steps, and how
     many blocks ended with the recorder's worker still busy.
 
-    Each block holds exactly one recorded step (its first). The configurations take turns
-    block by block, in an order rotated every block, so that load from other processes
-    hits all of them alike; a configuration's ``period`` steps run back to back, so that
-    its worker thread (if any) overlaps its own steps only: after its block, the
+    Each block holds exactly one recorded step, in its middle (blocks start half a period
+    in, so that the recorded step follows steps of the same model, as in training, not
+    another configuration's). The configurations take turns block by block, in an order
+    rotated every block, so that load from other processes hits all of them alike; a
+    configuration's ``period`` steps run back to back, so that its worker thread (if
+    any) overlaps its own steps only: after its block, the
     recorder's pending spectra are waited for outside the timed steps (counted: a job
     still running then means the worker did not keep up). CPU time is that of the
-    training thread (``time.thread_time``).
+    training thread (``time.thread_time``). ``interleave="step"``: the configurations
+    take turns step by step instead (cold caches at every step, and a worker thread then
+    also runs during the other configurations' steps, the baseline's included).
     """
     trainers = {n: Trainer(opt_name, c) for n, c in CONFIGS.items()}
     if previous is not None:
@@ -183,14 +197,37 @@ def measure(
     names = list(trainers)
     out: tuple[dict[str, list[float]], ...] = ({n: [] for n in names}, {n: [] for n in names})
     late = dict.fromkeys(names, 0)
+    if interleave == "step":  # one step each in turn (the method before 2026-11-25)
+        acc = {n: [0.0, 0.0] for n in names}
+        for i in range(warmup + blocks * period):
+            x, y = data[i % len(data)]
+            k = i % len(names)
+            for n in names[k:] + names[:k]:
+                w, c = trainers[n].step(x, y)
+                if i >= warmup:
+                    acc[n][0] += w
+                    acc[n][1] += c
+            if i >= warmup and (i - warmup + 1) % period == 0:
+                for n in names:
+                    out[0][n].append(acc[n][0])
+                    out[1][n].append(acc[n][1])
+                    acc[n] = [0.0, 0.0]
+        for t in trainers.values():
+            if t.rec is not None:
+                t.rec.close()
+        return out[0], out[1], late
     warm_blocks = -(-warmup // period)
+    shift = period // 2  # blocks start mid-period: the recorded step follows a warm step
+    for t in trainers.values():
+        for j in range(shift):
+            t.step(*data[j % len(data)])
     for b in range(warm_blocks + blocks):
         k = b % len(names)
         for n in names[k:] + names[:k]:
             t = trainers[n]
             wall = cpu = 0.0
             for j in range(period):
-                x, y = data[(b * period + j) % len(data)]
+                x, y = data[(shift + b * period + j) % len(data)]
                 w, c = t.step(x, y)
                 wall += w
                 cpu += c
@@ -224,6 +261,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--optimizers", nargs="+", default=["adamw", "singd"])
     ap.add_argument("--previous", default=None, help="git revision of a recorder to compare")
+    ap.add_argument(
+        "--interleave",
+        choices=["block", "step"],
+        default="block",
+        help="take turns by blocks of 10 steps (default) or by single steps (older method)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     previous = load_previous(args.previous) if args.previous else None
@@ -233,7 +276,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {args.threads} torch thread(s), "
-        f"{args.blocks} blocks x {period} steps (+{args.warmup} warm-up), interleaved; "
+        f"{args.blocks} blocks x {period} steps (+{args.warmup} warm-up), interleaved by "
+        f"{args.interleave}; "
         f'workers="auto" resolves to {auto_workers()} here; load average before: '
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
     )
@@ -247,7 +291,9 @@ def main() -> None:
         except Exception as err:  # SINGD may not be importable
             print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | | | | | |")
             continue
-        wall, cpu, late = measure(opt_name, data, args.warmup, args.blocks, period, previous)
+        wall, cpu, late = measure(
+            opt_name, data, args.warmup, args.blocks, period, previous, args.interleave
+        )
         for n in cpu:
             cells = []
             for times in (cpu, wall):
@@ -257,8 +303,9 @@ def main() -> None:
                 else:
                     cells += [f"{ms:.3f}", *_overhead(times[n], times["none"])]
             print(f"| {opt_name} | {n} | " + " | ".join(cells) + " |")
-        busy = {n: v for n, v in late.items() if v}
-        print(f"({opt_name}: blocks that ended with the worker still busy: {busy or 'none'})")
+        if args.interleave == "block":
+            busy = {n: v for n, v in late.items() if v}
+            print(f"({opt_name}: blocks that ended with the worker still busy: {busy or 'none'})")
 
     print("load average after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
