@@ -247,9 +247,11 @@ class Recorder:
         workers: threads that compute factor spectra from copies taken at the recorded
             step, while training goes on (0: compute them inside `step`); ``"auto"``
             (default): 1 where this process may use more CPUs than torch's intra-op
-            threads, else 0 (`auto_workers`). Results are merged in step order, and
-            `recording` (hence saving, reports and dashboards) and `close` wait for
-            pending ones, so what is read is always complete up to the last step.
+            threads, else 0 (`auto_workers`). At most ``workers + 1`` jobs are in flight
+            (a recorded step waits when the thread falls that far behind). Results are
+            merged in step order, and `recording` (hence saving, reports and dashboards),
+            `flush` and `close` wait for pending ones, so what is read is always complete
+            up to the last step.
     """
 
     def __init__(
@@ -1041,6 +1043,10 @@ class Recorder:
         if self._use_worker:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="recorder")
+            # back-pressure: a worker that cannot keep up must not pile up factor copies
+            while sum(not fut.done() for *_, fut in self._pending) > self.workers:
+                self._pending[0][2].result()
+                self._drain(wait=False)
             self._pending.append((s, jobs, self._pool.submit(self._factor_job, jobs)))
         else:
             self._merge(s, jobs, self._factor_job(jobs))

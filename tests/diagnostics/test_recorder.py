@@ -658,3 +658,32 @@ def test_momentum_factors_get_their_frobenius_and_max_norms():
     assert r.metric("norm_max", "0", "m_C")["value"].item() == 3.0
     assert r.metric("norm_fro", "0", "m_C")["value"].item() == pytest.approx(math.sqrt(14.0))
     assert r.metric("norm_max", "0", "m_K")["value"].item() == 0.0
+
+
+def test_a_slow_worker_holds_at_most_two_jobs_and_loses_none(monkeypatch):
+    import time
+
+    real = M.parts_spectra
+    in_flight: list[int] = []
+
+    def slow(items, **kw):
+        time.sleep(0.02)
+        return real(items, **kw)
+
+    monkeypatch.setattr(M, "parts_spectra", slow)
+    model = _mlp()
+    opt = FakeFactorOptimizer(model.parameters(), torch.eye(3), torch.eye(2))
+    rec = Recorder(opt, model, every=1, workers=1)
+    x, y = _data()
+    for i in range(6):
+        opt.k = torch.eye(3) * (i + 1)  # a new K every step: a decomposition every step
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss)
+        in_flight.append(sum(not fut.done() for *_, fut in rec._pending))
+    rec.close()
+    assert max(in_flight) <= 2
+    eig_max = rec.recording.metric("eig_max", "0", "K")["value"].tolist()
+    assert eig_max == pytest.approx([float(i + 1) ** 2 for i in range(6)])
