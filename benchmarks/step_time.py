@@ -131,8 +131,11 @@ def matmul_rate(repeats: int = 30) -> float:
     return 2 * 512**3 / statistics.median(times)
 
 
-def build(model_name: str, config: dict | None) -> tuple[Callable[[], None], object]:
-    """A closure running one training step, and its optimizer."""
+def build(
+    model_name: str, config: dict | None, singd: type = SINGD
+) -> tuple[Callable[[], None], object]:
+    """A closure running one training step, and its optimizer (AdamW for ``config=None``;
+    ``singd``: the SINGD class to use, e.g. an earlier revision's in ``step_time_ab.py``)."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     X = torch.randn(128, 1, 8, 8)
@@ -140,7 +143,7 @@ def build(model_name: str, config: dict | None) -> tuple[Callable[[], None], obj
     if config is None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
-        opt = SINGD(model, lr=1e-3, lr_cov=1e-2, **config)
+        opt = singd(model, lr=1e-3, lr_cov=1e-2, **config)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
