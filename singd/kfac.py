@@ -56,7 +56,7 @@ from singd.capture import (
     weak_method,
 )
 from singd.dtypes import FLOAT_DTYPES, resolve_dtype
-from singd.update import heavy_ball_
+from singd.update import heavy_ball_step_
 from singd.views import FactorView, LayerFactors
 
 INVERSE_METHODS = ("cholesky", "eigh")
@@ -366,18 +366,14 @@ class KFAC(Optimizer):
                 dirs.append(p.grad * inv_scale if inv_scale != 1.0 else p.grad.clone())
         for gi, (params, dirs) in updates.items():
             group = self.param_groups[gi]
-            bufs = [self.state[p].get("momentum_buffer") for p in params]
-            new = heavy_ball_(
+            heavy_ball_step_(
+                self.state,
                 params,
                 dirs,
-                bufs,
                 lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
             )
-            for p, buf in zip(params, new):
-                if buf is not None:
-                    self.state[p]["momentum_buffer"] = buf
         self._step_count += 1
         self._attach_capture()
 

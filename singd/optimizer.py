@@ -43,7 +43,7 @@ from singd.update import (
     gram,
     gram_route,
     gram_statistic,
-    heavy_ball_,
+    heavy_ball_step_,
     inner_statistic,
     precondition,
     riemannian_step,
@@ -722,24 +722,14 @@ class SINGD(Optimizer):
                 dirs.append(d)
             if not params:
                 continue
-            bufs = []
-            for p in params:
-                buf = self.state[p].get("momentum_buffer") if p in self.state else None
-                if buf is not None and (buf.dtype != p.dtype or buf.device != p.device):
-                    buf = buf.to(dtype=p.dtype, device=p.device)
-                bufs.append(buf)
-            dirs = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dirs, params)]
-            new = heavy_ball_(
+            heavy_ball_step_(
+                self.state,
                 params,
                 dirs,
-                bufs,
                 lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
             )
-            if group["momentum"] > 0:
-                for p, buf in zip(params, new):
-                    self.state[p]["momentum_buffer"] = buf
 
     # ------------------------------------------------------------------ views
     @property

@@ -4,7 +4,8 @@
   IKFAC with ``kfac_like=True``), with Riemannian momentum and ``normalize_lr_cov``.
 * :func:`precondition`: ``C C^T G K K^T`` by products with K, K^T, C, C^T, or with cached
   Gram matrices ``K K^T`` / ``C C^T`` from :func:`gram` (two products instead of four).
-* :func:`heavy_ball_`: weight decay after preconditioning and the heavy-ball update, foreach.
+* :func:`heavy_ball_`: weight decay after preconditioning and the heavy-ball update, foreach;
+  :func:`heavy_ball_step_` keeps its buffers in an optimizer's ``state``.
 
 Like ``torch.optim.adamw``'s functional form the functions update their matrix and tensor
 arguments in place where the docstring says so and return the results.
@@ -12,6 +13,7 @@ arguments in place where the docstring says so and return the results.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -376,3 +378,28 @@ def heavy_ball_(
         torch._foreach_add_(bufs, [directions[i] for i in old])
     torch._foreach_add_(params, buffers, alpha=-lr)
     return buffers
+
+
+def heavy_ball_step_(
+    state: MutableMapping[Tensor, dict],
+    params: list[Tensor],
+    directions: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """:func:`heavy_ball_` with each parameter's buffer in ``state[p]["momentum_buffer"]``
+    (an optimizer's ``state``; a buffer is moved to its parameter's dtype and device where
+    they differ, and directions are cast to the parameter's dtype)."""
+    bufs = []
+    for p in params:
+        buf = state[p].get("momentum_buffer") if p in state else None
+        if buf is not None and (buf.dtype != p.dtype or buf.device != p.device):
+            buf = buf.to(dtype=p.dtype, device=p.device)
+        bufs.append(buf)
+    dirs = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(directions, params)]
+    new = heavy_ball_(params, dirs, bufs, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if momentum > 0:
+        for p, buf in zip(params, new):
+            state[p]["momentum_buffer"] = buf
