@@ -16,15 +16,6 @@ from singd.capture import (
     unwrap_model,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 CONVS = [
     dict(in_channels=2, out_channels=4, kernel_size=3),
     dict(in_channels=2, out_channels=4, kernel_size=3, stride=2, padding=1),

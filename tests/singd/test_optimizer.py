@@ -16,15 +16,6 @@ from singd import SINGD
 from singd.optimizer import DEFAULTS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscription on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def mlp(dtype=torch.float32, inplace=False, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(

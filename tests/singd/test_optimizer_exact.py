@@ -10,16 +10,6 @@ from torch import nn
 
 from singd import SINGD
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscription on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 STRUCTURES = [
     "dense",
     "diagonal",

@@ -18,16 +18,6 @@ import torch
 import singd.structures.toeplitz as toeplitz_module
 from singd.structures import FORMS, StructuredMatrix, names, structure
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops run fastest single-threaded on the shared CI cores; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- reference
 
 

@@ -8,16 +8,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from singd.structures import structure
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops run fastest single-threaded on the shared CI cores; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 D = 4096
 N_ROWS = 64
 

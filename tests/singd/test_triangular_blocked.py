@@ -15,15 +15,6 @@ from singd import SINGD
 from singd.structures import structure
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops run fastest single-threaded on the shared cores; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_blocks(monkeypatch, width: int) -> None:
     """Force the blocked code paths for every size, with blocks of ``width``."""
     monkeypatch.setattr(tri, "BLOCKED_FROM", 1)
