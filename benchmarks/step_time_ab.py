@@ -8,6 +8,7 @@ default). Per config: 20 warm-up steps, then 7 rounds of 40 steps (T=10: 60); T=
 median step, T=10 the mean step; the best round; ratio to AdamW. Run with::
 
     .venv/bin/python benchmarks/step_time_ab.py --before 58df757
+    .venv/bin/python benchmarks/step_time_ab.py --before 58df757 --configs "T=1 diagonal"
 """
 
 from __future__ import annotations
@@ -79,14 +80,28 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="git revision to compare against")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="SUBSTRING",
+        help="only the configs whose name contains one of these (e.g. 'T=1 diagonal')",
+    )
     args = parser.parse_args()
+    configs = [
+        (name, c)
+        for name, c in CONFIGS
+        if not args.configs or any(sub in name for sub in args.configs)
+    ]
+    if not configs:
+        names = ", ".join(name for name, _ in CONFIGS)
+        parser.error(f"--configs matches no config; the configs are: {names}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         before = load_singd(archive(args.before, Path(tmp)))
         after = load_singd(ROOT)
-        rows = {name: [] for name, _ in CONFIGS}
+        rows = {name: [] for name, _ in configs}
         for model in MODELS:
-            for name, config in CONFIGS:
+            for name, config in configs:
                 rows[name] += compare(before, after, model, config, args.rounds)
     print(f"`step_time_ab.py --before {args.before}`, {args.threads} thread(s)\n")
     print("| config | " + " | ".join(f"{m} before | {m} after" for m in MODELS) + " |")
