@@ -143,14 +143,19 @@ def validate_hyperparameters(h: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Accumulator:
-    """A weighted sum ``coef * acc`` of statistics over backward passes, plus a row count."""
+    """A weighted sum ``coef * acc`` of statistics over backward passes, plus a row count.
 
-    __slots__ = ("acc", "coef", "count")
+    ``square_sums``: the terms are a diagonal factor's column sums of squares of the data,
+    still to be multiplied by the squared factor entries (done once, at the update).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("acc", "coef", "count", "square_sums")
+
+    def __init__(self, square_sums: bool = False) -> None:
         self.acc: StructuredMatrix | None = None
         self.coef = 1.0
         self.count = 0
+        self.square_sums = square_sums
 
     def add(self, term: StructuredMatrix, weight: float, count: int) -> None:
         """Add ``weight * term`` (``term`` is consumed) and ``count`` rows / loss terms."""
@@ -454,9 +459,10 @@ class SINGD(Optimizer):
         with torch.no_grad():
             K = st.K
             expand = approx == "expand"
-            if expand and type(K) is Diagonal and K.dtype in _FULL:
+            raw_K = expand and type(K) is Diagonal and K.dtype in _FULL
+            if raw_K:
                 sq, rows = input_square_sums(module, x, K.dtype)
-                term_K, w_K = diagonal_statistic(K, sq), 1.0
+                term_K, w_K = Diagonal._wrap(K.dim, sq), 1.0
             elif (
                 expand
                 and isinstance(module, nn.Conv2d)
@@ -477,14 +483,15 @@ class SINGD(Optimizer):
                 a = a if a.dtype == K.dtype else a.to(K.dtype)
                 term_K, w_K = inner_statistic(K, a), 1.0
             if st.acc_K is None:
-                st.acc_K = _Accumulator()
+                st.acc_K = _Accumulator(raw_K)
             st.acc_K.add(term_K, w_K, rows)
 
             n = loss_average_count(module, grad_output, group["loss_average"])
             C = st.C
-            if expand and type(C) is Diagonal and C.dtype in _FULL:
+            raw_C = expand and type(C) is Diagonal and C.dtype in _FULL
+            if raw_C:
                 sq = grad_square_sums(module, grad_output, C.dtype)
-                term_C, w_C = diagonal_statistic(C, sq), 1.0
+                term_C, w_C = Diagonal._wrap(C.dim, sq), 1.0
             elif C.dtype == torch.float16:  # scaled to max |g| = 1 so nothing overflows
                 g = grad_rows(module, grad_output, approx)
                 g32 = g.float()
@@ -497,7 +504,7 @@ class SINGD(Optimizer):
                 g = g if g.dtype == C.dtype else g.to(C.dtype)
                 term_C, w_C = inner_statistic(C, g), 1.0
             if st.acc_C is None:
-                st.acc_C = _Accumulator()
+                st.acc_C = _Accumulator(raw_C)
             st.acc_C.add(term_C, w_C, n)
 
     def _drop_statistics(self) -> None:
@@ -564,6 +571,7 @@ class SINGD(Optimizer):
         """Finalise the statistics, reduce them across ranks, update K and C."""
         todo: list[tuple[_LayerState, StructuredMatrix, StructuredMatrix]] = []
         scales: list[tuple[float, float]] = []
+        raw: list[tuple[bool, bool]] = []  # statistics still to be multiplied by f^2
         for name, st in self._layers.items():
             if step % st.group["T"] != 0:
                 continue
@@ -581,6 +589,7 @@ class SINGD(Optimizer):
                 H_C, s_C = _materialize(H_C, s_C, st.C.dtype), 1.0
             todo.append((st, H_K, H_C))
             scales.append((s_K, s_C))
+            raw.append((st.acc_K.square_sums, st.acc_C.square_sums))
         if not todo:
             return
         if self.reduce_statistics is not None:
@@ -612,8 +621,8 @@ class SINGD(Optimizer):
             st.K, st.C, m_K, m_C = riemannian_step(
                 st.K,
                 st.C,
-                H_K,
-                H_C,
+                diagonal_statistic(st.K, H_K.diag) if raw[i][0] else H_K,
+                diagonal_statistic(st.C, H_C.diag) if raw[i][1] else H_C,
                 st.m_K,
                 st.m_C,
                 damping=group["damping"],
@@ -631,7 +640,15 @@ class SINGD(Optimizer):
             layers = [todo[i][0] for i in batch]
             group = layers[0].group
             momentum = self._alpha1(group) > 0
-            diagonal_steps(
+            square_sums = all(raw[i][0] and raw[i][1] for i in batch)
+            if not square_sums:  # mixed (unusual): finish the raw ones here
+                for i in batch:
+                    st, H_K, H_C = todo[i]
+                    if raw[i][0]:
+                        diagonal_statistic(st.K, H_K.diag)
+                    if raw[i][1]:
+                        diagonal_statistic(st.C, H_C.diag)
+            squares = diagonal_steps(
                 [st.K for st in layers],
                 [st.C for st in layers],
                 [todo[i][1] for i in batch],
@@ -645,9 +662,11 @@ class SINGD(Optimizer):
                 normalize_lr_cov=group["normalize_lr_cov"],
                 scales_K=[scales[i][0] for i in batch],
                 scales_C=[scales[i][1] for i in batch],
+                square_sums=square_sums,
             )
-            for st in layers:
-                self._refresh_grams(st)
+            for j, st in enumerate(layers):  # F F^T of a diagonal factor: its squared entries
+                st.gram_K = Gram("diag", squares[j])
+                st.gram_C = Gram("diag", squares[len(layers) + j])
         if owners is not None:
             self.reduce_statistics.share_factors(
                 [
@@ -664,7 +683,8 @@ class SINGD(Optimizer):
     def _refresh_grams(st: _LayerState) -> None:
         """Recompute the cached ``K K^T``, ``C C^T`` where worth it: with T > 1 by the cost
         rule of :func:`singd.update.gram`; with T = 1 only for block-diagonal factors (one
-        batched product, then two block products per step instead of four)."""
+        batched product, then two block products per step instead of four). Layers updated
+        by the batched diagonal step get their squared entries from it instead."""
         T = st.group["T"]
         if T > 1:
             st.gram_K = gram(st.K, st.C.dim, T)

@@ -126,6 +126,23 @@ def riemannian_step(
 DENSE_GRAM_MAX = 256
 
 
+#: ``(lengths, device) -> (segment id of every entry, lengths)`` for :func:`diagonal_steps`.
+_SEGMENTS: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _segments(lengths: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Segment ids (``i`` repeated ``lengths[i]`` times) and the lengths, cached per shape."""
+    key = (lengths, device)
+    hit = _SEGMENTS.get(key)
+    if hit is None:
+        counts = torch.tensor(lengths, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)
+        if len(_SEGMENTS) >= 64:  # many shapes (e.g. a sweep of models): start over
+            _SEGMENTS.clear()
+        hit = _SEGMENTS[key] = (ids, counts)
+    return hit
+
+
 def diagonal_steps(
     Ks: list[Diagonal],
     Cs: list[Diagonal],
@@ -141,53 +158,68 @@ def diagonal_steps(
     normalize_lr_cov: bool = False,
     scales_K: list[float] | None = None,
     scales_C: list[float] | None = None,
-) -> None:
+    square_sums: bool = False,
+) -> list[Tensor]:
     """:func:`riemannian_step` for several layers whose K and C are all diagonal, of one dtype.
 
-    The math is elementwise on the stored vectors, so each operation is one ``torch._foreach``
-    call over all layers (K and C together) instead of about 25 small ops per layer; the four
-    averaged traces per layer come from one L1-norm call (the statistics and squared entries
-    are sums of squares, hence nonnegative). K, C and the momenta are updated in place;
-    ``H_Ks``/``H_Cs`` are consumed; ``m_Ks``/``m_Cs`` None (or ``alpha1 == 0``, or
-    ``kfac_like``) means no Riemannian momentum.
+    The math is elementwise, so it runs on one vector holding every K and C entry (a few
+    ops for all layers instead of about 25 per layer; per-factor averaged traces by one
+    ``index_add_``, in float32 for 16-bit factors). K, C and the momenta are updated in
+    place; ``H_Ks``/``H_Cs`` are consumed; ``m_Ks``/``m_Cs`` None (or ``alpha1 == 0``, or
+    ``kfac_like``) means no Riemannian momentum. ``square_sums``: the statistics are the
+    column sums of squares of the data (``diag(X^T X)``), not yet multiplied by the squared
+    factor entries. Returns the squared new entries of every K, then every C (views of one
+    tensor: the ``F F^T`` of :func:`gram`).
     """
     n = len(Ks)
     if n == 0:
-        return
+        return []
     if kfac_like:
         alpha1 = 0.0
     half = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
     sK = [1.0] * n if scales_K is None else scales_K
     sC = [1.0] * n if scales_C is None else scales_C
     f = [K.diag for K in Ks] + [C.diag for C in Cs]
-    h = [H.diag for H in H_Ks] + [H.diag for H in H_Cs]
-    sq = torch._foreach_mul(f, f)  # k^2, c^2: Pi(K^T K), Pi(C^T C)
+    lengths = tuple(t.shape[0] for t in f)
+    F = torch.cat(f)
+    dtype, device = F.dtype, F.device
+    ids, counts = _segments(lengths, device)
+    H = torch.cat([H.diag for H in H_Ks] + [H.diag for H in H_Cs])
+    sq = F * F  # k^2, c^2: Pi(K^T K), Pi(C^T C)
+    if square_sums:
+        H.mul_(sq)  # Pi(F^T X^T X F) = f^2 * diag(X^T X)
     if kfac_like:
-        torch._foreach_mul_(h, [half * s for s in sK] + [half * s for s in sC])
-        torch._foreach_add_(h, sq, alpha=damping * half)
+        coef = [half * s for s in sK] + [half * s for s in sC]
+        if len(set(coef)) == 1:
+            H.mul_(coef[0])
+        else:
+            H.mul_(torch.tensor(coef, dtype=dtype, device=device)[ids])
+        m = H.add_(sq, alpha=damping * half)
     else:
-        # averaged traces avgtr(H_K), avgtr(H_C), avgtr(K^T K), avgtr(C^T C), n of each
-        tr = list(torch._foreach_norm(h + list(sq), 1))
-        torch._foreach_mul_(tr, [1.0 / t.numel() for t in f] * 2)
-        both = [half * a * b for a, b in zip(sK, sC)]
-        torch._foreach_mul_(h, both + both)
-        torch._foreach_mul_(h, tr[n : 2 * n] + tr[:n])  # avgtr(H_C) H_K, avgtr(H_K) H_C
-        torch._foreach_mul_(sq, tr[3 * n :] + tr[2 * n : 3 * n])  # avgtr(C^T C) k^2, ...
-        torch._foreach_add_(h, sq, alpha=damping * half)
-    torch._foreach_sub_(h, half)  # h is m^ now
-    m = h
+        # averaged traces avgtr(H_K), avgtr(H_C) (row 0) and avgtr(K^T K), avgtr(C^T C) (row 1)
+        both = torch.stack([H, sq])
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        tr = both.new_zeros((2, 2 * n), dtype=acc).index_add_(1, ids, both.to(acc))
+        tr = tr.div_(counts)
+        tr = torch.cat([tr[:, n:], tr[:, :n]], dim=1)  # K_i takes C_i's traces and vice versa
+        w = [half * a * b for a, b in zip(sK, sC)]
+        w = torch.tensor([w + w, [damping * half] * (2 * n)], dtype=acc, device=device)
+        coef = tr.mul_(w).to(dtype).index_select(1, ids)
+        m = torch.addcmul(H.mul_(coef[0]), sq, coef[1])  # avgtr(H_C) H_K + ... (and for C)
+    m.sub_(half)  # m^
     if alpha1 > 0.0 and m_Ks is not None and m_Cs is not None:
-        m = [M.diag for M in m_Ks] + [M.diag for M in m_Cs]
-        torch._foreach_mul_(m, alpha1)
-        torch._foreach_add_(m, h)
+        mf = [M.diag for M in m_Ks] + [M.diag for M in m_Cs]
+        m = torch.cat(mf).mul_(alpha1).add_(m)
+        torch._foreach_copy_(mf, m.split(lengths))
     if normalize_lr_cov:
-        peaks = torch.stack(torch._foreach_norm(m, float("inf"))).float().clamp_(min=1.0)
-        beta = (lr_cov / peaks).to(f[0].dtype).neg_().unbind()
-        steps = torch._foreach_mul(f, m)  # K m
-        torch._foreach_mul_(steps, beta)
-        torch._foreach_add_(f, steps)
+        peaks = m.new_zeros(2 * n, dtype=torch.float32)
+        peaks.scatter_reduce_(0, ids, m.abs().float(), "amax").clamp_(min=1.0)
+        beta = (lr_cov / peaks).to(dtype).index_select(0, ids)
+        F.addcmul_(F, m.mul_(beta), value=-1.0)  # K <- K - beta1 / max(1, |m|_inf) K m
     else:
-        torch._foreach_addcmul_(f, f, m, value=-lr_cov)  # K <- K - beta1 K m
+        F.addcmul_(F, m, value=-lr_cov)  # K <- K - beta1 K m
+    torch._foreach_copy_(f, F.split(lengths))
+    return list(F.square_().split(lengths))
 
 
 def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:

@@ -16,7 +16,7 @@ from singd.capture import (
 )
 from singd.structures import structure
 from singd.structures.base import symmetric_gram
-from singd.update import precondition
+from singd.update import diagonal_steps, precondition, riemannian_step
 
 CONVS = {
     "same_reflect": dict(in_channels=4, out_channels=6, kernel_size=3, padding="same",
@@ -115,3 +115,50 @@ def test_block_statistic_from_gram_blocks_equals_the_projected_product(d, n):
     expected = cls.from_dense(A.T @ rows.T @ rows @ A).to_dense()
     torch.testing.assert_close(S.from_inner(rows.T).to_dense(), expected)  # transposed view
     torch.testing.assert_close(S.from_inner(rows.T.contiguous()).to_dense(), expected)
+
+
+@pytest.mark.parametrize("square_sums", [False, True], ids=["statistics", "square_sums"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(alpha1=0.0),
+        dict(alpha1=0.5),
+        dict(alpha1=0.5, normalize_lr_cov=True),
+        dict(alpha1=0.0, kfac_like=True),
+    ],
+    ids=["plain", "momentum", "normalized", "kfac_like"],
+)
+def test_batched_diagonal_update_equals_the_generic_step_of_each_layer(opts, square_sums):
+    """All-diagonal layers updated in one flat batch (different sizes and statistic scales)
+    match the generic structured step run layer by layer on dense copies of the factors."""
+    torch.manual_seed(0)
+    dims = [(7, 3), (12, 12), (1, 5)]  # (d_K, d_C) per layer
+    Diag, Dense = structure("diagonal"), structure("dense")
+    scales_K, scales_C = [1.0, 0.5, 2.0], [3.0, 1.0, 0.25]
+
+    def vec(d: int) -> torch.Tensor:
+        return torch.rand(d, dtype=torch.float64) + 0.5
+
+    layers = [[vec(a), vec(c), vec(a), vec(c), vec(a) - 1, vec(c) - 1] for a, c in dims]
+    K, C, HK, HC, mK, mC = ([Diag(v.clone()) for v in col] for col in zip(*layers))
+    kw = dict(damping=1e-2, lr_cov=0.3, **opts)
+    momentum = opts["alpha1"] > 0
+    squares = diagonal_steps(
+        K, C, HK, HC, mK if momentum else None, mC if momentum else None,
+        scales_K=scales_K, scales_C=scales_C, square_sums=square_sums, **kw,
+    )  # fmt: skip
+    for i, (k, c, hk, hc, mk, mc) in enumerate(layers):
+        if square_sums:  # the batch multiplies the raw column sums by the squared entries
+            hk, hc = hk * k * k, hc * c * c
+        ref = [Dense(torch.diag(v)) for v in (k, c, hk, hc, mk, mc)]
+        rK, rC, rmK, rmC = riemannian_step(
+            *ref[:4], ref[4] if momentum else None, ref[5] if momentum else None,
+            scale_K=scales_K[i], scale_C=scales_C[i], **kw,
+        )  # fmt: skip
+        torch.testing.assert_close(K[i].diag, torch.diagonal(rK.to_dense()))
+        torch.testing.assert_close(C[i].diag, torch.diagonal(rC.to_dense()))
+        torch.testing.assert_close(squares[i], K[i].diag ** 2)
+        torch.testing.assert_close(squares[len(dims) + i], C[i].diag ** 2)
+        if momentum:
+            torch.testing.assert_close(mK[i].diag, torch.diagonal(rmK.to_dense()))
+            torch.testing.assert_close(mC[i].diag, torch.diagonal(rmC.to_dense()))
