@@ -9,6 +9,14 @@ With ``k1 = min(K1, d)``, ``m = max(d - K1 - K2, 0)`` and ``k2 = d - k1 - m`` th
 so ``d <= K1`` is dense and ``K1 < d <= K1 + K2`` has no diagonal part. The pattern is closed
 under products; ``B`` and ``D`` are one-sided (their mirror entries are structurally zero), so
 ``Pi`` doubles them.
+
+Storage: two contiguous row bands, ``top = [A, B]`` ``(k1, d)`` and ``bot = [D, E]``
+``(k2, d - k1)``, and ``c``. ``A``, ``B``, ``D``, ``E`` (the ``to_dict`` keys) are views of the
+bands. At the sizes SINGD meets on a CPU each torch call costs a few microseconds whatever
+its size, so the bands let most products be one matrix product per band instead of one per
+block (about half the calls), and products with few columns run in the orientation whose
+result is wide (``R @ S`` for ``R = X^T``), which small BLAS products handle several times
+faster than tall ones.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from singd.structures.base import Scalar, StructuredMatrix
 
 
 class Hierarchical(StructuredMatrix):
-    """Hierarchical matrix; stored ``A`` ``(k1,k1)``, ``B`` ``(k1,d-k1)``, ``c`` ``(m,)``,
-    ``D`` ``(k2,m)``, ``E`` ``(k2,k2)`` (see the module docstring).
+    """Hierarchical matrix; stored as the row bands ``top = [A, B]`` ``(k1, d)`` and
+    ``bot = [D, E]`` ``(k2, d-k1)`` and the diagonal ``c`` ``(m,)`` (see the module docstring).
 
     Concrete classes come from ``structure("hierarchical{K1}_{K2}")``, which binds K1, K2.
     """
@@ -31,14 +39,13 @@ class Hierarchical(StructuredMatrix):
     K1: ClassVar[int] = 0
     K2: ClassVar[int] = 0
     _fields = ("A", "B", "c", "D", "E")
-    A: Tensor
-    B: Tensor
+    top: Tensor
     c: Tensor
-    D: Tensor
-    E: Tensor
+    bot: Tensor
 
     def __init__(self, A: Tensor, B: Tensor, c: Tensor, D: Tensor, E: Tensor) -> None:
-        """Wrap the five stored tensors (not copied); ``dim = A.shape[0] + B.shape[1]``."""
+        """Build from the five blocks (copied into the two row bands);
+        ``dim = A.shape[0] + B.shape[1]``."""
         self._check_concrete()
         if not (isinstance(A, Tensor) and isinstance(B, Tensor)) or A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"{self.name}: A and B must be 2-d tensors")
@@ -46,6 +53,77 @@ class Hierarchical(StructuredMatrix):
         if self.dim < 1:
             raise ValueError(f"{self.name}: dim = A.shape[0] + B.shape[1] must be >= 1")
         self._validate(A, B, c, D, E)
+
+    def _validate(self, *tensors: Tensor) -> None:
+        """Check the five blocks (base class rules) and copy them into the bands."""
+        self._parts: dict[str, Tensor] = {}
+        try:
+            super()._validate(*tensors)  # the block setters below collect into _parts
+            p = self._parts
+        finally:
+            del self._parts
+        self.top = torch.cat([p["A"], p["B"]], 1)
+        self._c = p["c"]
+        self.bot = torch.cat([p["D"], p["E"]], 1)
+
+    # ------------------------------------------------------------------ blocks as views
+    def _block_setter(field: str):  # noqa: N805 - a helper run at class creation
+        def setter(self: Hierarchical, value: Tensor) -> None:
+            parts = getattr(self, "_parts", None)
+            if parts is None:
+                raise AttributeError(
+                    f"{self.name}: {field} is a view of the stored bands; write into it "
+                    "in place instead of assigning"
+                )
+            parts[field] = value
+
+        return setter
+
+    A = property(lambda self: self.top[:, : self.top.shape[0]], _block_setter("A"))
+    B = property(lambda self: self.top[:, self.top.shape[0] :], _block_setter("B"))
+    c = property(lambda self: self._c, _block_setter("c"))
+    D = property(lambda self: self.bot[:, : self._c.shape[0]], _block_setter("D"))
+    E = property(lambda self: self.bot[:, self._c.shape[0] :], _block_setter("E"))
+    del _block_setter
+
+    def _tensors(self) -> list[Tensor]:
+        """The stored tensors ``[top, c, bot]`` (the bands, not the block views)."""
+        return [self.top, self._c, self.bot]
+
+    @classmethod
+    def _wrap(cls, dim: int, top: Tensor, c: Tensor, bot: Tensor) -> Hierarchical:
+        """An instance on the bands ``top``, ``bot`` and ``c`` (no validation)."""
+        obj = cls.__new__(cls)
+        obj.dim = dim
+        obj.top = top
+        obj._c = c
+        obj.bot = bot
+        return obj
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored tensors."""
+        return self.top.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the stored tensors."""
+        return self.top.device
+
+    @classmethod
+    def zeros(
+        cls, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Hierarchical:
+        """The zero matrix of size ``dim`` in this structure."""
+        cls._check_concrete()
+        dim = cls._check_dim(dim)
+        k1, m, k2 = cls._sizes(dim)
+        return cls._wrap(
+            dim,
+            torch.zeros(k1, dim, dtype=dtype, device=device),
+            torch.zeros(m, dtype=dtype, device=device),
+            torch.zeros(k2, dim - k1, dtype=dtype, device=device),
+        )
 
     @classmethod
     def _sizes(cls, dim: int) -> tuple[int, int, int]:
@@ -61,104 +139,166 @@ class Hierarchical(StructuredMatrix):
 
     # ------------------------------------------------------------------ Pi
     @classmethod
-    def _project(
-        cls, dim: int, M00: Tensor, M0r: Tensor, m11: Tensor, M21: Tensor, M22: Tensor
-    ) -> Hierarchical:
-        """Pi from the parts of a symmetric M: blocks (0,0), (0, 1:), diag(1,1), (2,1), (2,2).
+    def _project(cls, dim: int, top: Tensor, m11: Tensor, bot: Tensor) -> Hierarchical:
+        """Pi from the bands of a symmetric M: rows ``:k1`` (all columns), the diagonal of
+        the middle block, rows ``k1+m:`` (columns ``k1:``), all fresh tensors.
 
-        The row band B and the block D are one-sided, so they get twice M's entries.
-        Fresh tensors ``M0r`` and ``M21`` are doubled in place.
+        The row band B and the block D are one-sided, so they get twice M's entries
+        (doubled in place).
         """
-        return cls._wrap(dim, M00, M0r.mul_(2), m11, M21.mul_(2), M22)
+        k1 = top.shape[0]
+        m = m11.shape[0]
+        if k1 < dim:
+            top[:, k1:].mul_(2)
+        if m:
+            bot[:, :m].mul_(2)
+        return cls._wrap(dim, top, m11, bot)
 
     @classmethod
     def _from_dense(cls, mat: Tensor) -> Hierarchical:
-        k1, m, _ = cls._sizes(mat.shape[0])
+        d = mat.shape[0]
+        k1, m, _ = cls._sizes(d)
         j = k1 + m
-        return cls._project(
-            mat.shape[0],
-            mat[:k1, :k1].clone(),
-            mat[:k1, k1:].clone(),
-            mat[k1:j, k1:j].diagonal().clone(),
-            mat[j:, k1:j].clone(),
-            mat[j:, j:].clone(),
-        )
+        return cls._project(d, mat[:k1].clone(), mat.diagonal()[k1:j].clone(), mat[j:, k1:].clone())
 
     # ------------------------------------------------------------------ interface
     def to_dense(self) -> Tensor:
-        k1, m, _ = self._sizes(self.dim)
+        top, c, bot = self.top, self._c, self.bot
+        k1, m = top.shape[0], c.shape[0]
+        if k1 == self.dim:
+            return top.clone()
         j = k1 + m
-        out = self.A.new_zeros(self.dim, self.dim)
-        out[:k1, :k1] = self.A
-        out[:k1, k1:] = self.B
-        out[k1:j, k1:j] = torch.diag(self.c)
-        out[j:, k1:j] = self.D
-        out[j:, j:] = self.E
+        out = top.new_zeros(self.dim, self.dim)
+        out[:k1] = top
+        if m:
+            out.diagonal()[k1:j] = c
+        out[j:, k1:] = bot
         return out
 
     def diag_add_(self, value: Scalar) -> Hierarchical:
-        self.A.diagonal().add_(value)
-        self.c.add_(value)
-        self.E.diagonal().add_(value)
+        self.top.diagonal().add_(value)
+        if self._c.shape[0]:
+            self._c.add_(value)
+        if self.bot.shape[0]:
+            self.bot.diagonal(self._c.shape[0]).add_(value)
         return self
 
     def average_trace(self) -> Tensor:
-        total = self.A.diagonal().sum() + self.c.sum() + self.E.diagonal().sum()
-        return total / self.dim
+        total = torch.trace(self.top)
+        m = self._c.shape[0]
+        if m:
+            total = total.add_(self.bot.diagonal(m).sum()).add_(self._c.sum())
+        elif self.bot.shape[0]:
+            total = total.add_(torch.trace(self.bot))
+        return total.div_(self.dim)
 
     def _matmul(self, other: Hierarchical) -> Hierarchical:
-        k1, m, _ = self._sizes(self.dim)
-        A, B, c, D, E = self.A, self.B, self.c, self.D, self.E
-        A2, B2, c2, D2, E2 = other.A, other.B, other.c, other.D, other.E
-        # B'' = A B' + [B1 diag(c') + B2 D', B2 E']
-        Bn = A @ B2
-        Bn[:, :m].addcmul_(B[:, :m], c2.unsqueeze(0)).addmm_(B[:, m:], D2)
-        Bn[:, m:].addmm_(B[:, m:], E2)
-        Dn = torch.addmm(D * c2.unsqueeze(0), E, D2)
-        return self._wrap(self.dim, A @ A2, Bn, c * c2, Dn, E @ E2)
+        top, c, bot = self.top, self._c, self.bot
+        k1, m = top.shape[0], c.shape[0]
+        if k1 == self.dim:
+            return self._wrap(self.dim, top @ other.top, c, bot)  # c, bot: empty
+        j = k1 + m
+        top2, c2, bot2 = other.top, other._c, other.bot
+        # [A, B] S' = [A A', A B' + [B1 diag(c') + B2 D', B2 E']]
+        new_top = top[:, :k1] @ top2
+        new_top[:, k1:].addmm_(top[:, j:], bot2)
+        # [0, D, E] S' = [0, D diag(c') + E D', E E']
+        new_bot = bot[:, m:] @ bot2
+        if m:
+            new_top[:, k1:j].addcmul_(top[:, k1:j], c2)
+            new_bot[:, :m].addcmul_(bot[:, :m], c2)
+        return self._wrap(self.dim, new_top, c * c2, new_bot)
+
+    # Row forms (R of shape (n, d)): R S and R S^T. Column forms: S X and S^T X.
+    def _rows_S(self, R: Tensor) -> Tensor:
+        """``R S`` for ``R`` of shape ``(n, dim)``."""
+        top, c, bot = self.top, self._c, self.bot
+        k1, m = top.shape[0], c.shape[0]
+        if k1 == self.dim:
+            return R @ top
+        j = k1 + m
+        out = R[:, :k1] @ top
+        out[:, k1:].addmm_(R[:, j:], bot)
+        if m:
+            out[:, k1:j].addcmul_(R[:, k1:j], c)
+        return out
+
+    def _rows_ST(self, R: Tensor) -> Tensor:
+        """``R S^T`` for ``R`` of shape ``(n, dim)``."""
+        top, c, bot = self.top, self._c, self.bot
+        k1, m = top.shape[0], c.shape[0]
+        if k1 == self.dim:
+            return R @ top.T
+        j = k1 + m
+        out = R.new_empty(R.shape)
+        torch.mm(R, top.T, out=out[:, :k1])
+        torch.mm(R[:, k1:], bot.T, out=out[:, j:])
+        if m:
+            torch.mul(R[:, k1:j], c, out=out[:, k1:j])
+        return out
 
     def _matmat(self, X: Tensor) -> Tensor:
-        k1, m, _ = self._sizes(self.dim)
+        top, c, bot = self.top, self._c, self.bot
+        k1, m = top.shape[0], c.shape[0]
+        if k1 == self.dim:
+            return top @ X
         j = k1 + m
         out = X.new_empty(X.shape)
-        torch.addmm(self.A @ X[:k1], self.B, X[k1:], out=out[:k1])
-        torch.mul(self.c.unsqueeze(1), X[k1:j], out=out[k1:j])
-        torch.addmm(self.E @ X[j:], self.D, X[k1:j], out=out[j:])
+        torch.mm(top, X, out=out[:k1])
+        torch.mm(bot, X[k1:], out=out[j:])
+        if m:
+            torch.mul(X[k1:j], c.unsqueeze(1), out=out[k1:j])
         return out
 
     def _rmatmat(self, X: Tensor) -> Tensor:
-        k1, m, _ = self._sizes(self.dim)
+        if X.stride(0) == 1 or X.shape[1] < 16:
+            # The row form (X^T S)^T: measured faster (MKL, one thread) for a transposed X,
+            # and for fewer than 16 columns, where the column form's (d, n) products are
+            # several times slower than the row form's wide (n, k) @ (k, d) ones.
+            return self._rows_S(X.T).T
+        top, c, bot = self.top, self._c, self.bot
+        k1, m = top.shape[0], c.shape[0]
+        if k1 == self.dim:
+            return top.T @ X
         j = k1 + m
-        out = X.new_empty(X.shape)
-        torch.mm(self.A.T, X[:k1], out=out[:k1])
-        torch.mm(self.B.T, X[:k1], out=out[k1:])
-        out[k1:j].addcmul_(self.c.unsqueeze(1), X[k1:j]).addmm_(self.D.T, X[j:])
-        out[j:].addmm_(self.E.T, X[j:])
+        out = top.T @ X[:k1]
+        out[k1:].addmm_(bot.T, X[j:])
+        if m:
+            out[k1:j].addcmul_(X[k1:j], c.unsqueeze(1))
         return out
 
     def _from_inner(self, X: Tensor) -> Hierarchical:
-        k1, m, _ = self._sizes(self.dim)
+        # with Z = (S^T X)^T = X^T S of shape (n, d): M = Z^T Z, taken by row bands
+        Z = self._rows_S(X.T)
+        k1, m = self.top.shape[0], self._c.shape[0]
+        Z0 = Z[:, :k1]
+        if k1 == self.dim:
+            return self._wrap(self.dim, Z0.T @ Z0, self._c, self.bot)  # c, bot: empty
         j = k1 + m
-        Y = self._rmatmat(X)
-        Y0, Y1, Y2 = Y[:k1], Y[k1:j], Y[j:]
-        return self._project(
-            self.dim,
-            Y0 @ Y0.T,
-            Y0 @ Y[k1:].T,
-            (Y1 * Y1).sum(1),
-            Y2 @ Y1.T,
-            Y2 @ Y2.T,
-        )
+        if m:
+            Z1 = Z[:, k1:j]
+            m11 = (Z1 * Z1).sum(0)
+        else:
+            m11 = self._c  # empty
+        return self._project(self.dim, Z0.T @ Z, m11, Z[:, j:].T @ Z[:, k1:])
 
     def _from_inner_eye(self) -> Hierarchical:
-        # S^T has row blocks [A^T, 0, 0], [B1^T, diag(c), D^T], [B2^T, 0, E^T].
-        _, m, _ = self._sizes(self.dim)
-        A, B, c, D, E = self.A, self.B, self.c, self.D, self.E
-        B1, B2 = B[:, :m], B[:, m:]
-        m11 = (B1 * B1).sum(0) + c * c + (D * D).sum(0)
-        M21 = torch.addmm(B2.T @ B1, E.T, D)
-        M22 = torch.addmm(B2.T @ B2, E.T, E)
-        return self._project(self.dim, A.T @ A, A.T @ B, m11, M21, M22)
+        # S^T S: rows :k1 are A^T [A, B]; rows k1+m: (columns k1:) are B2^T B + E^T [D, E]
+        top, c, bot = self.top, self._c, self.bot
+        k1, m = top.shape[0], c.shape[0]
+        A = top[:, :k1]
+        if k1 == self.dim:
+            return self._wrap(self.dim, A.T @ A, c, bot)  # c, bot: empty
+        j = k1 + m
+        B = top[:, k1:]
+        new_top = A.T @ top
+        new_bot = torch.addmm(top[:, j:].T @ B, bot[:, m:].T, bot)
+        if m:
+            B1, D = top[:, k1:j], bot[:, :m]
+            m11 = (B1 * B1).sum(0).addcmul_(c, c).add_((D * D).sum(0))
+        else:
+            m11 = c  # empty
+        return self._project(self.dim, new_top, m11, new_bot)
 
 
 def hierarchical_class(K1: int, K2: int) -> type[Hierarchical]:
