@@ -94,6 +94,15 @@ class Hierarchical(StructuredMatrix):
         """The stored tensors ``[top, c, bot]`` (the bands, not the block views)."""
         return [self.top, self._c, self.bot]
 
+    def _views(self) -> _Views:
+        """The block views of the bands, made once per instance (a view costs about a
+        microsecond, as much as a small product; factors are reused over many steps and
+        their bands are only ever written in place)."""
+        views = self.__dict__.get("_cached_views")
+        if views is None:
+            views = self._cached_views = _Views(self.top, self._c, self.bot)
+        return views
+
     @classmethod
     def _wrap(cls, dim: int, top: Tensor, c: Tensor, bot: Tensor) -> Hierarchical:
         """An instance on the bands ``top``, ``bot`` and ``c`` (no validation)."""
@@ -179,22 +188,53 @@ class Hierarchical(StructuredMatrix):
         out[j:, k1:] = bot
         return out
 
+    def _diagonals(self) -> list[Tensor]:
+        """Views of the diagonal entries: of ``A``, ``c`` and ``E`` (those that exist), made
+        once per instance."""
+        diagonals = self.__dict__.get("_cached_diagonals")
+        if diagonals is None:
+            top, c, bot = self.top, self._c, self.bot
+            if bot.shape[0] == 0:
+                diagonals = [top.diagonal()]
+            elif c.shape[0] == 0:
+                diagonals = [top.diagonal(), bot.diagonal()]
+            else:
+                diagonals = [top.diagonal(), c, bot.diagonal(c.shape[0])]
+            self._cached_diagonals = diagonals
+        return diagonals
+
+    def _foreach_ok(self, value: Scalar) -> bool:
+        """Whether ``torch._foreach_*`` may take ``value`` with the stored tensors."""
+        return not isinstance(value, Tensor) or value.device == self.top.device
+
     def diag_add_(self, value: Scalar) -> Hierarchical:
-        self.top.diagonal().add_(value)
-        if self._c.shape[0]:
-            self._c.add_(value)
-        if self.bot.shape[0]:
-            self.bot.diagonal(self._c.shape[0]).add_(value)
+        parts = self._diagonals()
+        if self._foreach_ok(value):
+            torch._foreach_add_(parts, value)
+        else:
+            for t in parts:
+                t.add_(value)
         return self
 
     def average_trace(self) -> Tensor:
-        total = torch.trace(self.top)
-        m = self._c.shape[0]
-        if m:
-            total = total.add_(self.bot.diagonal(m).sum()).add_(self._c.sum())
-        elif self.bot.shape[0]:
-            total = total.add_(torch.trace(self.bot))
-        return total.div_(self.dim)
+        parts = self._diagonals()  # dim entries in all
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).mean()
+
+    def mul_(self, value: Scalar) -> Hierarchical:
+        """In place ``self *= value`` for a scalar (one ``torch._foreach_mul_`` call)."""
+        if isinstance(value, StructuredMatrix) or (isinstance(value, Tensor) and value.ndim != 0):
+            return super().mul_(value)  # raises the base class's errors
+        if self._foreach_ok(value):
+            torch._foreach_mul_(self._tensors(), value)
+            return self
+        return super().mul_(value)
+
+    def add_(self, other: StructuredMatrix, alpha: Scalar = 1.0) -> Hierarchical:
+        """In place ``self += alpha * other`` (one ``torch._foreach_add_`` call)."""
+        if type(other) is not type(self) or other.dim != self.dim or isinstance(alpha, Tensor):
+            return super().add_(other, alpha)  # validation errors, tensor alpha
+        torch._foreach_add_(self._tensors(), other._tensors(), alpha=alpha)
+        return self
 
     def _matmul(self, other: Hierarchical) -> Hierarchical:
         top, c, bot = self.top, self._c, self.bot
@@ -202,15 +242,16 @@ class Hierarchical(StructuredMatrix):
         if k1 == self.dim:
             return self._wrap(self.dim, top @ other.top, c, bot)  # c, bot: empty
         j = k1 + m
+        v = self._views()
         top2, c2, bot2 = other.top, other._c, other.bot
         # [A, B] S' = [A A', A B' + [B1 diag(c') + B2 D', B2 E']]
-        new_top = top[:, :k1] @ top2
-        new_top[:, k1:].addmm_(top[:, j:], bot2)
+        new_top = v.A @ top2
+        new_top[:, k1:].addmm_(v.B2, bot2)
         # [0, D, E] S' = [0, D diag(c') + E D', E E']
-        new_bot = bot[:, m:] @ bot2
+        new_bot = v.E @ bot2
         if m:
-            new_top[:, k1:j].addcmul_(top[:, k1:j], c2)
-            new_bot[:, :m].addcmul_(bot[:, :m], c2)
+            new_top[:, k1:j].addcmul_(v.B1, c2)
+            new_bot[:, :m].addcmul_(v.D, c2)
         return self._wrap(self.dim, new_top, c * c2, new_bot)
 
     # Row forms (R of shape (n, d)): R S and R S^T. Column forms: S X and S^T X.
@@ -305,12 +346,13 @@ class Hierarchical(StructuredMatrix):
         j = k1 + m
         W = self._rows_S(A)  # A S; M = S^T W, whose row blocks are those of S^T
         W0 = W[:k1]
-        new_top = top[:, :k1].T @ W0  # rows :k1 of S^T are [A^T, 0, 0]
+        v = self._views()
+        new_top = v.At @ W0  # rows :k1 of S^T are [A^T, 0, 0]
         # rows k1+m: of S^T are [B2^T, 0, E^T]; columns k1: of M
-        new_bot = torch.addmm(top[:, j:].T @ W0[:, k1:], bot[:, m:].T, W[j:, k1:])
+        new_bot = torch.addmm(v.B2t @ W0[:, k1:], v.Et, W[j:, k1:])
         if m:  # diagonal entries: columns k1:k1+m of S ([B1; diag(c); D]) against W's
-            m11 = (top[:, k1:j] * W0[:, k1:j]).sum(0)
-            m11.addcmul_(c, W[k1:j, k1:j].diagonal()).add_((bot[:, :m] * W[j:, k1:j]).sum(0))
+            m11 = (v.B1 * W0[:, k1:j]).sum(0)
+            m11.addcmul_(c, W[k1:j, k1:j].diagonal()).add_((v.D * W[j:, k1:j]).sum(0))
         else:
             m11 = c  # empty
         return self._project(self.dim, new_top, m11, new_bot)
@@ -319,19 +361,36 @@ class Hierarchical(StructuredMatrix):
         # S^T S: rows :k1 are A^T [A, B]; rows k1+m: (columns k1:) are B2^T B + E^T [D, E]
         top, c, bot = self.top, self._c, self.bot
         k1, m = top.shape[0], c.shape[0]
-        A = top[:, :k1]
+        v = self._views()
         if k1 == self.dim:
-            return self._wrap(self.dim, A.T @ A, c, bot)  # c, bot: empty
-        j = k1 + m
-        B = top[:, k1:]
-        new_top = A.T @ top
-        new_bot = torch.addmm(top[:, j:].T @ B, bot[:, m:].T, bot)
+            return self._wrap(self.dim, v.At @ top, c, bot)  # c, bot: empty
+        new_top = v.At @ top
+        new_bot = torch.addmm(v.B2t @ v.B, v.Et, bot)
         if m:
-            B1, D = top[:, k1:j], bot[:, :m]
-            m11 = (B1 * B1).sum(0).addcmul_(c, c).add_((D * D).sum(0))
+            BD = torch.cat([v.B1, v.D])  # [B1; D]: the middle columns
+            m11 = (BD * BD).sum(0).addcmul_(c, c)
         else:
             m11 = c  # empty
         return self._project(self.dim, new_top, m11, new_bot)
+
+
+class _Views:
+    """Block views of a hierarchical matrix's bands (see :meth:`Hierarchical._views`)."""
+
+    __slots__ = ("A", "At", "B", "B1", "B2", "B2t", "D", "E", "Et")
+
+    def __init__(self, top: Tensor, c: Tensor, bot: Tensor) -> None:
+        k1, m = top.shape[0], c.shape[0]
+        j = k1 + m
+        self.A = top[:, :k1]
+        self.At = self.A.T
+        self.B = top[:, k1:]
+        self.B1 = top[:, k1:j]
+        self.B2 = top[:, j:]
+        self.B2t = self.B2.T
+        self.D = bot[:, :m]
+        self.E = bot[:, m:]
+        self.Et = self.E.T
 
 
 def hierarchical_class(K1: int, K2: int) -> type[Hierarchical]:

@@ -118,3 +118,26 @@ def test_blocks_are_live_views_of_two_row_bands():
     R = cls(*parts)
     parts[0].fill_(5.0)
     assert torch.equal(R.to_dense(), S.to_dense())
+
+
+@pytest.mark.parametrize(("name", "d"), PARAMS)
+def test_products_stay_exact_after_in_place_updates(name, d):
+    """The block views each matrix makes once follow in-place writes to its bands (the
+    optimizer updates K in place between products)."""
+    gen = torch.Generator().manual_seed(300 + d)
+    S = random_factor(name, d, gen)
+    T = random_factor(name, d, gen)
+    X = torch.randn(d, 6, generator=gen, dtype=torch.float64)
+    for step in range(3):
+        A, B = S.to_dense(), T.to_dense()
+        torch.testing.assert_close((S @ T).to_dense(), A @ B, msg=f"step {step}")
+        pi = type(S).from_dense
+        torch.testing.assert_close(S.from_inner().to_dense(), pi(A.T @ A).to_dense())
+        torch.testing.assert_close(
+            S.from_gram(X @ X.T).to_dense(), pi(A.T @ X @ X.T @ A).to_dense()
+        )
+        torch.testing.assert_close(S.average_trace(), A.trace() / d)
+        S.add_(T, alpha=0.25).mul_(0.9).diag_add_(0.1)
+        torch.testing.assert_close(
+            S.to_dense(), 0.9 * (A + 0.25 * B) + 0.1 * torch.eye(d, dtype=A.dtype)
+        )
