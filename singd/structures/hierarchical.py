@@ -28,8 +28,9 @@ from torch import Tensor
 
 from singd.structures.base import Scalar, StructuredMatrix
 
-#: :meth:`Hierarchical.from_gram` works by bands from ``dim >= 4 (k1 + k2)`` (measured, one
-#: thread, hierarchical15_15: dim 145 185 -> 93 us, dim 65 55 -> 74 us by bands).
+#: :meth:`Hierarchical.from_gram` works by bands from ``dim >= 4 (k1 + k2)``, below by two
+#: dense products (measured, one thread, hierarchical15_15, dense route -> bands: dim 145
+#: 185 -> 93 us, dim 129 143 -> 86 us, but dim 65 55 -> 74 us).
 _FROM_GRAM_BANDS_FROM = 4
 
 
@@ -48,8 +49,8 @@ class Hierarchical(StructuredMatrix):
     bot: Tensor
 
     def __init__(self, A: Tensor, B: Tensor, c: Tensor, D: Tensor, E: Tensor) -> None:
-        """Build from the five blocks (copied into the two row bands);
-        ``dim = A.shape[0] + B.shape[1]``."""
+        """Build from the five blocks (``A``, ``B``, ``D``, ``E`` copied into the two row
+        bands, ``c`` kept); ``dim = A.shape[0] + B.shape[1]``."""
         self._check_concrete()
         if not (isinstance(A, Tensor) and isinstance(B, Tensor)) or A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"{self.name}: A and B must be 2-d tensors")
@@ -95,9 +96,9 @@ class Hierarchical(StructuredMatrix):
         return [self.top, self._c, self.bot]
 
     def _views(self) -> _Views:
-        """The block views of the bands, made once per instance (a view costs about a
-        microsecond, as much as a small product; factors are reused over many steps and
-        their bands are only ever written in place)."""
+        """The block views of the bands, made once per instance (a view costs 1-2 us, half
+        a small product; factors are reused over many steps and their bands are only ever
+        written in place, never replaced)."""
         views = self.__dict__.get("_cached_views")
         if views is None:
             views = self._cached_views = _Views(self.top, self._c, self.bot)
