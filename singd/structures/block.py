@@ -1,8 +1,18 @@
 """The block-diagonal family ``block{N}diagonal``: dense ``N x N`` diagonal blocks.
 
 ``dim = nb * N + r`` with ``nb = dim // N`` full blocks and a smaller last block of size
-``r = dim % N`` (absent when ``r = 0``). The full blocks live in one ``(nb, N, N)`` tensor so
-that every product is one batched ``bmm`` plus one small ``mm`` for the last block.
+``r = dim % N`` (absent when ``r = 0``).
+
+Storage: one tensor ``data`` of shape ``(nb + 1, N, N)`` whose last slice holds the ``r x r``
+last block in its top-left corner and zeros elsewhere (the *pad*); ``(nb, N, N)`` when
+``r = 0`` and ``(1, r, r)`` when ``nb = 0``. The pad stays zero under every operation
+(products of zero-padded blocks are zero-padded; ``diag_add_`` skips it), so that the
+factor algebra of a SINGD step (structured products, scaling, sums, traces) is one torch
+call each instead of one per part: at the sizes SINGD meets on a CPU each call costs a few
+microseconds whatever its size, more than the flops of the padded block. Products with
+dense matrices do not pad (their flops grow with the number of columns): one batched
+product over the full blocks and one over the last block. ``blocks`` and ``last`` (the
+``to_dict`` keys) are views of ``data``.
 """
 
 from __future__ import annotations
@@ -14,20 +24,27 @@ from torch import Tensor
 
 from singd.structures.base import Scalar, StructuredMatrix
 
+#: Transposed operands with fewer columns than this take the row form (see ``_apply``).
+_ROWS_BELOW = 16
+
+#: ``(nb, N, r, dtype, device) -> (nb + 1, N)`` ones on the diagonals, zeros on the pad.
+_DIAG_MASKS: dict[tuple, Tensor] = {}
+
 
 class BlockDiagonal(StructuredMatrix):
-    """Block-diagonal matrix; stored ``blocks`` ``(dim // N, N, N)`` and ``last`` ``(r, r)``.
+    """Block-diagonal matrix; ``blocks`` ``(dim // N, N, N)`` and ``last`` ``(r, r)`` are
+    views of one zero-padded tensor ``data`` (see the module docstring).
 
     Concrete classes come from ``structure("block{N}diagonal")``, which binds ``N``.
     """
 
     N: ClassVar[int] = 0
     _fields = ("blocks", "last")
-    blocks: Tensor
-    last: Tensor
+    _data: Tensor | None
 
     def __init__(self, blocks: Tensor, last: Tensor) -> None:
-        """Wrap the full blocks ``(nb, N, N)`` and the last block ``(dim % N, dim % N)``."""
+        """Build from the full blocks ``(nb, N, N)`` and the last block ``(dim % N, dim % N)``
+        (copied into the padded storage)."""
         self._check_concrete()
         for arg, t, nd in (("blocks", blocks, 3), ("last", last, 2)):
             if not isinstance(t, Tensor) or t.ndim != nd:
@@ -42,6 +59,154 @@ class BlockDiagonal(StructuredMatrix):
             )
         self._validate(blocks, last)
 
+    def _validate(self, *tensors: Tensor) -> None:
+        """Check ``blocks`` and ``last`` (base class rules) and copy them into ``data``."""
+        self._parts: dict[str, Tensor] = {}
+        try:
+            super()._validate(*tensors)  # the setters below collect into _parts
+            p = self._parts
+        finally:
+            del self._parts
+        self._data = self._pack(self.dim, p["blocks"], p["last"])
+
+    @classmethod
+    def _pack(cls, dim: int, blocks: Tensor | None, last: Tensor | None) -> Tensor:
+        """The padded storage holding copies of ``blocks`` and ``last`` (None: absent)."""
+        nb, r = divmod(dim, cls.N)
+        if r == 0:
+            return blocks.clone(memory_format=torch.contiguous_format)
+        if nb == 0:
+            return last.unsqueeze(0).clone(memory_format=torch.contiguous_format)
+        data = blocks.new_zeros(nb + 1, cls.N, cls.N)
+        data[:nb] = blocks
+        data[nb, :r, :r] = last
+        return data
+
+    # ------------------------------------------------------------------ blocks as views
+    def _part_setter(field: str):  # noqa: N805 - a helper run at class creation
+        def setter(self: BlockDiagonal, value: Tensor) -> None:
+            parts = getattr(self, "_parts", None)
+            if parts is None:
+                raise AttributeError(
+                    f"{self.name}: {field} is a view of the stored data; write into it in "
+                    "place instead of assigning"
+                )
+            parts[field] = value
+
+        return setter
+
+    @property
+    def data(self) -> Tensor:
+        """The padded storage (packed here, once, for an instance made from separate parts)."""
+        data = self._data
+        if data is None:
+            full, last = self._v
+            data = self._data = self._pack(self.dim, full, last)
+            self._v = None  # views of data from now on
+            self.__dict__.pop("_vt", None)
+        return data
+
+    def _views(self) -> tuple[Tensor | None, Tensor | None]:
+        """The full blocks ``(nb, N, N)`` and the last block ``(r, r)`` as views of ``data``
+        (None where absent); made once per instance (``data`` is never reassigned), or the
+        separate parts of an instance not packed yet."""
+        views = self.__dict__.get("_v")
+        if views is None:
+            nb, r = divmod(self.dim, self.N)
+            data = self.data
+            if nb == 0:
+                views = (None, data[0])
+            elif r == 0:
+                views = (data, None)
+            else:  # as_strided: a third of the cost of data[nb, :r, :r]
+                s0, s1, s2 = data.stride()
+                offset = data.storage_offset() + nb * s0
+                views = (data[:nb], data.as_strided((r, r), (s1, s2), offset))
+            self._v = views
+        return views
+
+    def _views_t(self) -> tuple[Tensor | None, Tensor | None]:
+        """:meth:`_views` of ``S^T`` (transposed views), made once per instance."""
+        views = self.__dict__.get("_vt")
+        if views is None:
+            full, last = self._views()
+            views = (
+                None if full is None else full.transpose(1, 2),
+                None if last is None else last.T,
+            )
+            self._vt = views
+        return views
+
+    def _get_blocks(self) -> Tensor:
+        full = self._views()[0]
+        return self._any().new_empty(0, self.N, self.N) if full is None else full
+
+    def _get_last(self) -> Tensor:
+        last = self._views()[1]
+        return self._any().new_empty(0, 0) if last is None else last
+
+    blocks = property(_get_blocks, _part_setter("blocks"), doc="The full blocks (a view).")
+    last = property(_get_last, _part_setter("last"), doc="The last block (a view).")
+    del _part_setter
+
+    def _tensors(self) -> list[Tensor]:
+        """The stored tensor ``[data]`` (the pad included: it is zero)."""
+        return [self.data]
+
+    def numel(self) -> int:
+        """Number of stored (free) entries (the pad excluded)."""
+        nb, r = divmod(self.dim, self.N)
+        return nb * self.N * self.N + r * r
+
+    @classmethod
+    def _wrap(cls, dim: int, *tensors: Tensor) -> BlockDiagonal:
+        """An instance on the padded ``data`` (one tensor) or on ``blocks`` and ``last`` (two
+        tensors, packed into the padded storage only when an operation needs it: products
+        with dense matrices do not); no copies, no validation."""
+        obj = cls.__new__(cls)
+        obj.dim = dim
+        if len(tensors) == 1:
+            obj._data = tensors[0]
+        else:
+            blocks, last = tensors
+            obj._data = None
+            obj._v = (blocks if blocks.shape[0] else None, last if last.shape[0] else None)
+        return obj
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored tensors."""
+        return self._any().dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the stored tensors."""
+        return self._any().device
+
+    def _any(self) -> Tensor:
+        """A stored tensor (without packing)."""
+        if self._data is not None:
+            return self._data
+        full, last = self._v
+        return last if full is None else full
+
+    @classmethod
+    def _data_shape(cls, dim: int) -> tuple[int, int, int]:
+        """The shape of the padded storage for ``dim``."""
+        nb, r = divmod(dim, cls.N)
+        if nb == 0:
+            return (1, r, r)
+        return (nb + (r > 0), cls.N, cls.N)
+
+    @classmethod
+    def zeros(
+        cls, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> BlockDiagonal:
+        """The zero matrix of size ``dim`` in this structure."""
+        cls._check_concrete()
+        dim = cls._check_dim(dim)
+        return cls._wrap(dim, torch.zeros(cls._data_shape(dim), dtype=dtype, device=device))
+
     @classmethod
     def _shapes(cls, dim: int) -> tuple[tuple[int, ...], ...]:
         nb, r = divmod(dim, cls.N)
@@ -49,81 +214,151 @@ class BlockDiagonal(StructuredMatrix):
 
     # ------------------------------------------------------------------ Pi
     @classmethod
-    def _project(cls, dim: int, blocks: Tensor, last: Tensor) -> BlockDiagonal:
-        """Pi for a block-diagonal pattern: keep the diagonal blocks of the symmetric matrix."""
-        return cls._wrap(dim, blocks, last)
+    def _project(cls, dim: int, data: Tensor) -> BlockDiagonal:
+        """Pi for a block-diagonal pattern: keep the diagonal blocks (``data``: the padded
+        diagonal blocks of the symmetric matrix, zero pad)."""
+        return cls._wrap(dim, data)
 
     @classmethod
     def _from_dense(cls, mat: Tensor) -> BlockDiagonal:
         dim = mat.shape[0]
-        nb, _ = divmod(dim, cls.N)
+        nb, r = divmod(dim, cls.N)
         cut = nb * cls.N
         # (nb, N, nb, N) view; its block diagonal is (N, N, nb).
         full = mat[:cut, :cut].reshape(nb, cls.N, nb, cls.N).diagonal(dim1=0, dim2=2)
-        return cls._project(dim, full.permute(2, 0, 1).clone(), mat[cut:, cut:].clone())
-
-    # ------------------------------------------------------------------ helpers
-    @property
-    def _cut(self) -> int:
-        """Rows covered by the full blocks."""
-        return self.blocks.shape[0] * self.N
-
-    def _apply(self, X: Tensor, transpose: bool) -> Tensor:
-        """``S X`` or ``S^T X`` for a 2-d ``X``: one bmm over the full blocks, one mm."""
-        nb, N = self.blocks.shape[0], self.N
-        cut = nb * N
-        blocks = self.blocks.transpose(1, 2) if transpose else self.blocks
-        last = self.last.T if transpose else self.last
-        n = X.shape[1]
-        if cut == self.dim:
-            return torch.bmm(blocks, X.reshape(nb, N, n)).reshape(self.dim, n)
-        if cut == 0:
-            return last @ X
-        out = X.new_empty(X.shape)
-        torch.bmm(blocks, X[:cut].reshape(nb, N, n), out=out[:cut].view(nb, N, n))
-        torch.mm(last, X[cut:], out=out[cut:])
-        return out
+        return cls._project(dim, cls._pack(dim, full.permute(2, 0, 1), mat[cut:, cut:]))
 
     # ------------------------------------------------------------------ interface
     def to_dense(self) -> Tensor:
         return torch.block_diag(*self.blocks.unbind(0), self.last)
 
+    def _diag_mask(self) -> Tensor | None:
+        """Ones on the diagonals of ``data``, zeros on the pad (None when there is no pad)."""
+        nb, r = divmod(self.dim, self.N)
+        if nb == 0 or r == 0:
+            return None
+        data = self.data
+        key = (nb, self.N, r, data.dtype, data.device)
+        mask = _DIAG_MASKS.get(key)
+        if mask is None:
+            if len(_DIAG_MASKS) >= 64:  # many shapes (e.g. a sweep of models): start over
+                _DIAG_MASKS.clear()
+            mask = data.new_ones(nb + 1, self.N)
+            mask[nb, r:] = 0
+            _DIAG_MASKS[key] = mask
+        return mask
+
     def diag_add_(self, value: Scalar) -> BlockDiagonal:
-        self.blocks.diagonal(dim1=1, dim2=2).add_(value)
-        self.last.diagonal().add_(value)
+        diag = self.data.diagonal(dim1=1, dim2=2)
+        mask = self._diag_mask()
+        if mask is None:
+            diag.add_(value)
+        elif isinstance(value, Tensor):
+            diag.addcmul_(mask, value)
+        else:
+            diag.add_(mask, alpha=value)
         return self
 
     def average_trace(self) -> Tensor:
-        total = self.blocks.diagonal(dim1=1, dim2=2).sum() + self.last.diagonal().sum()
-        return total / self.dim
+        return self.data.diagonal(dim1=1, dim2=2).sum().div_(self.dim)
 
     def _matmul(self, other: BlockDiagonal) -> BlockDiagonal:
-        return self._wrap(self.dim, torch.bmm(self.blocks, other.blocks), self.last @ other.last)
+        return self._wrap(self.dim, torch.bmm(self.data, other.data))
+
+    def gram_blocks(self) -> BlockDiagonal:
+        """``S S^T`` (block-diagonal again): one batched product."""
+        return self._wrap(self.dim, torch.bmm(self.data, self.data.transpose(1, 2)))
+
+    # ------------------------------------------------------------------ dense products
+    def _cols(self, X: Tensor, transpose: bool) -> Tensor:
+        """``S X`` or ``S^T X`` for a contiguous 2-d ``X`` (views by ``as_strided``: one
+        call each where indexing takes two or three)."""
+        full, last = self._views_t() if transpose else self._views()
+        if full is None:
+            return last @ X
+        nb, N, n = full.shape[0], self.N, X.shape[1]
+        if last is None:
+            return torch.bmm(full, X.view(nb, N, n)).view(self.dim, n)
+        cut = nb * N
+        out = torch.empty_like(X)
+        shape, strides = (nb, N, n), (N * n, n, 1)
+        torch.bmm(full, X.as_strided(shape, strides), out=out.as_strided(shape, strides))
+        torch.mm(last, X[cut:], out=out[cut:])
+        return out
+
+    def _rows(self, R: Tensor, transpose: bool) -> Tensor:
+        """``R S`` or ``R S^T`` for ``R`` of shape ``(n, dim)`` with unit column stride."""
+        full, last = self._views_t() if transpose else self._views()
+        if full is None:
+            return R @ last
+        nb, N, n, dim = full.shape[0], self.N, R.shape[0], self.dim
+        cut = nb * N
+        rs, off = R.stride(0), R.storage_offset()
+        # (nb, n, N) products, written back into the (n, dim) layout by one copy
+        Y = torch.bmm(R.as_strided((nb, n, N), (N, rs, 1), off), full)
+        if last is None:
+            return Y.transpose(0, 1).reshape(n, cut)
+        out = R.new_empty((n, dim))
+        out.as_strided((nb, n, N), (N, dim, 1)).copy_(Y)
+        r = dim - cut
+        torch.mm(
+            R.as_strided((n, r), (rs, 1), off + cut),
+            last,
+            out=out.as_strided((n, r), (dim, 1), cut),
+        )
+        return out
+
+    def _apply(self, X: Tensor, transpose: bool) -> Tensor:
+        """``S X`` (``transpose``: ``S^T X``): the row form ``(X^T S^T)^T`` for a transposed
+        ``X`` with fewer than 16 columns (no copy of ``X``, and wide block products instead
+        of thin ones), else the column form (measured, one thread: the row form's write-back
+        copy costs more than it saves from 16 columns up, even against copying ``X``)."""
+        if X.stride(0) == 1 and 1 < X.shape[1] < _ROWS_BELOW and X.stride(1) == self.dim:
+            return self._rows(X.T, not transpose).T
+        return self._cols(X.contiguous(), transpose)
 
     def _matmat(self, X: Tensor) -> Tensor:
-        return self._apply(X.contiguous(), transpose=False)
+        return self._apply(X, transpose=False)
 
     def _rmatmat(self, X: Tensor) -> Tensor:
-        return self._apply(X.contiguous(), transpose=True)
+        return self._apply(X, transpose=True)
 
+    # ------------------------------------------------------------------ statistics
     def _from_inner(self, X: Tensor) -> BlockDiagonal:
-        nb, N, cut = self.blocks.shape[0], self.N, self._cut
-        n = X.shape[1]
+        full, last = self._views()
+        data, dim, N, n = self.data, self.dim, self.N, X.shape[1]
+        if full is None:  # one (r, r) block: L^T (X X^T) L
+            return self._project(dim, (last.T @ (X @ X.T) @ last).unsqueeze(0))
+        nb = full.shape[0]
+        cut = nb * N
         if n >= N:
             # Pi(S^T X X^T S) needs only the diagonal blocks A_i = X_i X_i^T of X X^T, then
             # S_i^T A_i S_i: half the flops of forming S^T X first, and no copy of X
-            Xb, Xl = X[:cut].reshape(nb, N, n), X[cut:]
-            A = torch.bmm(Xb, Xb.transpose(1, 2))
-            blocks = torch.bmm(self.blocks.transpose(1, 2), torch.bmm(A, self.blocks))
-            return self._project(self.dim, blocks, self.last.T @ (Xl @ Xl.T) @ self.last)
-        Y = self._apply(X.contiguous(), transpose=True)
-        Yb = Y[:cut].reshape(nb, N, n)
-        Yl = Y[cut:]
-        return self._project(self.dim, torch.bmm(Yb, Yb.transpose(1, 2)), Yl @ Yl.T)
+            Xb = X[:cut].view(nb, N, n)
+            if last is None:
+                A = torch.bmm(Xb, Xb.transpose(1, 2))
+            else:  # zero-padded like data (a NaN-free pad: it meets the pad zeros of S)
+                A = torch.zeros_like(data)  # contiguous, like every data tensor made here
+                torch.bmm(Xb, Xb.transpose(1, 2), out=A[:nb])
+                Xl = X[cut:]
+                r = dim - cut
+                torch.mm(Xl, Xl.T, out=A.as_strided((r, r), (N, 1), nb * N * N))
+            return self._project(dim, torch.bmm(data.transpose(1, 2), torch.bmm(A, data)))
+        # few columns: Y = S^T X (by rows: Z = X^T S), then the diagonal blocks of Y Y^T
+        Z = self._rows(X.T, False) if X.stride(0) == 1 else self._cols(X.contiguous(), True).T
+        Zb = Z[:, :cut].unflatten(1, (nb, N)).transpose(0, 1)  # (nb, n, N)
+        if last is None:
+            return self._project(dim, torch.bmm(Zb.transpose(1, 2), Zb))
+        out = torch.zeros_like(data)
+        torch.bmm(Zb.transpose(1, 2), Zb, out=out[:nb])
+        Zl = Z[:, cut:]
+        r = dim - cut
+        torch.mm(Zl.T, Zl, out=out.as_strided((r, r), (N, 1), nb * N * N))
+        return self._project(dim, out)
 
     def _from_inner_eye(self) -> BlockDiagonal:
-        blocks, last = self.blocks, self.last
-        return self._project(self.dim, torch.bmm(blocks.transpose(1, 2), blocks), last.T @ last)
+        data = self.data
+        return self._project(self.dim, torch.bmm(data.transpose(1, 2), data))
 
 
 def block_diagonal_class(N: int) -> type[BlockDiagonal]:
