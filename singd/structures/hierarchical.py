@@ -250,9 +250,10 @@ class Hierarchical(StructuredMatrix):
         new_top[:, k1:].addmm_(v.B2, bot2)
         # [0, D, E] S' = [0, D diag(c') + E D', E E']
         new_bot = v.E @ bot2
-        if m:
-            new_top[:, k1:j].addcmul_(v.B1, c2)
-            new_bot[:, :m].addcmul_(v.D, c2)
+        if not m:
+            return self._wrap(self.dim, new_top, c, new_bot)  # c: empty
+        new_top[:, k1:j].addcmul_(v.B1, c2)
+        new_bot[:, :m].addcmul_(v.D, c2)
         return self._wrap(self.dim, new_top, c * c2, new_bot)
 
     # Row forms (R of shape (n, d)): R S and R S^T. Column forms: S X and S^T X.
