@@ -356,6 +356,34 @@ class BlockDiagonal(StructuredMatrix):
         torch.mm(Zl.T, Zl, out=out.as_strided((r, r), (N, 1), nb * N * N))
         return self._project(dim, out)
 
+    def from_gram(self, A: Tensor) -> BlockDiagonal:
+        """``Pi(S^T A S)`` for a symmetric ``A`` of shape ``(dim, dim)`` (e.g. ``A = X^T X``
+        formed once for many rows): only the diagonal blocks of ``A`` are read."""
+        self._check_square(A, "A")
+        if A.shape[0] != self.dim or A.dtype != self.dtype:
+            raise ValueError(
+                f"{self.name}.from_gram: A must be ({self.dim}, {self.dim}) of dtype "
+                f"{self.dtype}, got {tuple(A.shape)} of dtype {A.dtype}"
+            )
+        full, last = self._views()
+        data, dim, N = self.data, self.dim, self.N
+        if full is None:
+            return self._project(dim, (last.T @ A @ last).unsqueeze(0))
+        nb = full.shape[0]
+        cut = nb * N
+        s0, s1 = A.stride()
+        off = A.storage_offset()
+        Ab = A.as_strided((nb, N, N), (N * (s0 + s1), s0, s1), off)  # diagonal blocks
+        if last is None:
+            return self._project(dim, torch.bmm(data.transpose(1, 2), torch.bmm(Ab, data)))
+        Ap = torch.zeros_like(data)  # zero-padded like data
+        Ap[:nb].copy_(Ab)
+        r = dim - cut
+        Ap.as_strided((r, r), (N, 1), nb * N * N).copy_(
+            A.as_strided((r, r), (s0, s1), off + cut * (s0 + s1))
+        )
+        return self._project(dim, torch.bmm(data.transpose(1, 2), torch.bmm(Ap, data)))
+
     def _from_inner_eye(self) -> BlockDiagonal:
         data = self.data
         return self._project(self.dim, torch.bmm(data.transpose(1, 2), data))

@@ -120,3 +120,15 @@ def test_non_finite_entry_stays_in_its_block():
     P = S @ S @ S
     assert not torch.isfinite(P.blocks[0]).all()
     assert torch.isfinite(P.blocks[1]).all() and torch.isfinite(P.last).all()
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_from_gram_equals_the_statistic_of_the_rows(d):
+    S = random_block(d, 8)
+    rows = torch.randn(20, d, dtype=torch.float64)
+    expected = S.from_inner(rows.T)
+    got = S.from_gram(rows.T @ rows)
+    torch.testing.assert_close(got.to_dense(), expected.to_dense())
+    assert torch.equal(pad_of(got), torch.zeros_like(pad_of(got)))
+    with pytest.raises(ValueError, match="from_gram"):
+        S.from_gram(torch.zeros(d + 1, d + 1, dtype=torch.float64))
