@@ -23,6 +23,7 @@ from singd.structures import (
     BlockDiagonal,
     Dense,
     Diagonal,
+    Hierarchical,
     StructuredMatrix,
     Triangular,
     TriangularToeplitz,
@@ -248,7 +249,7 @@ def gram_statistic(F: StructuredMatrix, A: Tensor) -> StructuredMatrix:
     """``Pi(F^T A F)`` for a symmetric ``A = X^T X`` (factors where :func:`gram_route`)."""
     if isinstance(F, Dense):
         return Dense._wrap(F.dim, F.mat.T @ A @ F.mat)
-    if isinstance(F, Triangular):
+    if isinstance(F, (Triangular, Hierarchical)):
         return F.from_gram(A)
     Fd = F.to_dense()
     return F._from_dense(Fd.T @ A @ Fd)
