@@ -30,6 +30,27 @@ _ROWS_BELOW = 16
 #: ``(nb, N, r, dtype, device) -> (nb + 1, N)`` ones on the diagonals, zeros on the pad.
 _DIAG_MASKS: dict[tuple, Tensor] = {}
 
+#: ``(value, dtype) -> 0-dim CPU tensor``: Python numbers as operands of in-place ops.
+_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def _scalar(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` as a cached 0-dim CPU tensor in the computation precision of ``dtype``.
+
+    ``t.mul_(x)`` / ``t.div_(x)`` with a Python number wrap it into a tensor on every call
+    (about 1.5 us on one thread, as much as the op at these sizes); a CPU scalar tensor is
+    read the same way (in float32 for 16-bit and float32 tensors, float64 for float64), so
+    the results are identical.
+    """
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    key = (value, acc)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= 256:  # e.g. a schedule of values: start over
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(value, dtype=acc)
+    return t
+
 
 class BlockDiagonal(StructuredMatrix):
     """Block-diagonal matrix; ``blocks`` ``(dim // N, N, N)`` and ``last`` ``(r, r)`` are
@@ -260,7 +281,23 @@ class BlockDiagonal(StructuredMatrix):
         return self
 
     def average_trace(self) -> Tensor:
-        return self.data.diagonal(dim1=1, dim2=2).sum().div_(self.dim)
+        data = self.data
+        return data.diagonal(dim1=1, dim2=2).sum().div_(_scalar(float(self.dim), data.dtype))
+
+    def mul_(self, value: Scalar) -> BlockDiagonal:
+        """In place ``self *= value`` for a scalar (Python number or 0-dim tensor)."""
+        if isinstance(value, Tensor):
+            if value.ndim != 0:
+                raise ValueError(
+                    f"{self.name}.mul_: value must be a scalar, got {tuple(value.shape)}"
+                )
+            self.data.mul_(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            data = self.data
+            data.mul_(_scalar(float(value), data.dtype))
+        else:
+            return super().mul_(value)  # its errors for anything else
+        return self
 
     def _matmul(self, other: BlockDiagonal) -> BlockDiagonal:
         return self._wrap(self.dim, torch.bmm(self.data, other.data))

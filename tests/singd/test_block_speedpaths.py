@@ -132,3 +132,19 @@ def test_from_gram_equals_the_statistic_of_the_rows(d):
     assert torch.equal(pad_of(got), torch.zeros_like(pad_of(got)))
     with pytest.raises(ValueError, match="from_gram"):
         S.from_gram(torch.zeros(d + 1, d + 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_cached_scalars_give_bitwise_the_python_number_results(dtype):
+    """``mul_`` and ``average_trace`` use cached 0-dim tensors instead of Python numbers;
+    the stored values must not change by a single bit."""
+    S = random_block(11, 9).to(dtype=dtype)
+    ref = S.data.clone()
+    for value in (0.5, 0.9, 3, -1e-3):
+        S.mul_(value)
+        ref.mul_(value)
+        assert torch.equal(S.data, ref)
+    trace = ref.diagonal(dim1=1, dim2=2).sum() / 11
+    assert torch.equal(S.average_trace(), trace)
+    with pytest.raises(ValueError, match="scalar"):
+        S.mul_(torch.ones(2, dtype=dtype))
