@@ -251,7 +251,19 @@ class BlockDiagonal(StructuredMatrix):
 
     # ------------------------------------------------------------------ interface
     def to_dense(self) -> Tensor:
-        return torch.block_diag(*self.blocks.unbind(0), self.last)
+        full, last = self._views()
+        if full is None:
+            return last.clone(memory_format=torch.contiguous_format)
+        dim, N = self.dim, self.N
+        nb = full.shape[0]
+        out = full.new_zeros(dim, dim)
+        # the diagonal blocks of out as one (nb, N, N) view, the last block as another
+        out.as_strided((nb, N, N), (N * dim + N, dim, 1)).copy_(full)
+        if last is not None:
+            cut = nb * N
+            r = dim - cut
+            out.as_strided((r, r), (dim, 1), cut * dim + cut).copy_(last)
+        return out
 
     def _diag_mask(self) -> Tensor | None:
         """Ones on the diagonals of ``data``, zeros on the pad (None when there is no pad)."""
