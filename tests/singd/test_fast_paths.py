@@ -26,6 +26,15 @@ CONVS = {
     "circular_depthwise": dict(in_channels=4, out_channels=4, kernel_size=3, padding=1,
                                padding_mode="circular", groups=4),
     "pointwise": dict(in_channels=3, out_channels=5, kernel_size=1),
+    # more configs with >= NHWC_MIN_CHANNELS channels per group (rows built channels-last;
+    # circular_depthwise has one channel per group: unfold)
+    "nhwc_groups_strided_dilated_nobias": dict(in_channels=8, out_channels=6,
+                                               kernel_size=(2, 3), stride=(2, 1),
+                                               dilation=(1, 2), groups=2, bias=False),
+    "nhwc_asymmetric_zero_padding": dict(in_channels=5, out_channels=3, kernel_size=(3, 2),
+                                         padding=(1, 2)),
+    "nhwc_strided_replicate": dict(in_channels=4, out_channels=2, kernel_size=3, padding=1,
+                                 padding_mode="replicate", stride=2),
 }  # fmt: skip
 
 
