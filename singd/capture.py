@@ -23,6 +23,7 @@ are left to the caller, which knows how several backward passes are combined.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Iterable
@@ -195,6 +196,49 @@ def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
     )
 
 
+#: Channels per group from which Conv2d ``expand`` rows (:func:`input_rows`,
+#: :func:`conv_input_gram`) are built channels-last instead of by ``F.unfold``.
+NHWC_MIN_CHANNELS = 2
+
+
+def _padded_nhwc(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """A batched Conv2d input padded as the layer pads it, contiguous channels-last
+    ``(B, H, W, C)`` (one copy)."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        return x.permute(0, 2, 3, 1).contiguous()
+    ph, pw = module.padding
+    x = x.permute(0, 2, 3, 1)
+    if ph or pw:
+        x = F.pad(x, (0, 0, pw, pw, ph, ph))
+    return x.contiguous()
+
+
+def _nhwc_rows(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The ``expand`` rows ``(B * L * G, d)`` of a batched Conv2d input (no ones column),
+    with features in channels-last order ``(kh, kw, c)``: one strided copy whose inner runs
+    are ``kw * c`` contiguous values (``F.unfold`` copies per sample and element)."""
+    xp = _padded_nhwc(module, x)
+    B, H, W, C = xp.shape
+    G = module.groups
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    oh = (H - dh * (kh - 1) - 1) // sh + 1
+    ow = (W - dw * (kw - 1) - 1) // sw + 1
+    b, h, w, c = xp.stride()
+    view = xp.as_strided(
+        (B, oh, ow, G, kh, kw, C // G), (b, h * sh, w * sw, c * (C // G), h * dh, w * dw, c)
+    )
+    return view.reshape(B * oh * ow * G, kh * kw * (C // G))
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_order(kh: int, kw: int, c: int, device: torch.device) -> Tensor:
+    """Indices that take channels-last features ``(kh, kw, c)`` to the weight's ``(c, kh, kw)``."""
+    order = torch.arange(kh * kw * c, device=device).reshape(kh, kw, c).permute(2, 0, 1)
+    return order.reshape(-1)
+
+
 def input_rows(module: nn.Module, x: Tensor, kfac_approx: str = "expand") -> Tensor:
     """The layer input as rows ``(R, d_K)`` (unnormalised; ones column appended with a bias).
 
@@ -206,6 +250,13 @@ def input_rows(module: nn.Module, x: Tensor, kfac_approx: str = "expand") -> Ten
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:
             x = x.unsqueeze(0)
+        c = x.shape[1] // module.groups
+        if kfac_approx == "expand" and c >= NHWC_MIN_CHANNELS:  # see conv_input_gram
+            rows = _nhwc_rows(module, x)  # one column gather below beats unfold's copies
+            rows = rows.index_select(1, _weight_order(*module.kernel_size, c, x.device))
+            if module.bias is not None:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            return rows
         patches = _conv_patches(module, x)  # (B, G * d, L)
         B, _, L = patches.shape
         G = module.groups
@@ -253,57 +304,6 @@ def conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> 
     return sq, rows
 
 
-#: Channels per group from which :func:`conv_input_gram` builds the rows channels-last.
-NHWC_MIN_CHANNELS = 2
-
-
-def _padded_nhwc(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """A batched Conv2d input padded as the layer pads it, contiguous channels-last
-    ``(B, H, W, C)`` (one copy)."""
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        return x.permute(0, 2, 3, 1).contiguous()
-    ph, pw = module.padding
-    x = x.permute(0, 2, 3, 1)
-    if ph or pw:
-        x = F.pad(x, (0, 0, pw, pw, ph, ph))
-    return x.contiguous()
-
-
-def _nhwc_rows(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """The ``expand`` rows ``(B * L * G, d)`` of a batched Conv2d input (no ones column),
-    with features in channels-last order ``(kh, kw, c)``: one strided copy whose inner runs
-    are ``kw * c`` contiguous values (``F.unfold`` copies per sample and element)."""
-    xp = _padded_nhwc(module, x)
-    B, H, W, C = xp.shape
-    G = module.groups
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    oh = (H - dh * (kh - 1) - 1) // sh + 1
-    ow = (W - dw * (kw - 1) - 1) // sw + 1
-    b, h, w, c = xp.stride()
-    view = xp.as_strided(
-        (B, oh, ow, G, kh, kw, C // G), (b, h * sh, w * sw, c * (C // G), h * dh, w * dw, c)
-    )
-    return view.reshape(B * oh * ow * G, kh * kw * (C // G))
-
-
-def _from_nhwc_order(t: Tensor, kh: int, kw: int, c: int, dims: tuple[int, ...]) -> Tensor:
-    """``t`` with the listed dims (each of size ``kh * kw * c``) reordered from ``(kh, kw, c)``
-    to the weight's ``(c, kh, kw)``."""
-    shape: list[int] = []
-    order: list[int] = []
-    for i, n in enumerate(t.shape):
-        base = len(shape)
-        if i in dims:
-            shape += [kh, kw, c]
-            order += [base + 2, base, base + 1]
-        else:
-            shape.append(n)
-            order.append(base)
-    return t.reshape(shape).permute(order).reshape(t.shape)
-
-
 def conv_input_gram(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
     """``a^T a`` of a Conv2d's ``expand`` input rows ``a`` (ones column included) and the
     row count, without the ones column (its block is the column sums and the count). With
@@ -315,10 +315,9 @@ def conv_input_gram(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> tuple[T
     if x.shape[1] // G >= NHWC_MIN_CHANNELS:
         Y = _nhwc_rows(module, x)
         rows, d = Y.shape
-        kh, kw = module.kernel_size
-        c = x.shape[1] // G
-        core = _from_nhwc_order(symmetric_gram(Y), kh, kw, c, (0, 1))
-        sums = _from_nhwc_order(Y.sum(0), kh, kw, c, (0,)) if module.bias is not None else None
+        order = _weight_order(*module.kernel_size, x.shape[1] // G, x.device)
+        core = symmetric_gram(Y).index_select(0, order).index_select(1, order)
+        sums = Y.sum(0).index_select(0, order) if module.bias is not None else None
     else:
         patches = _conv_patches(module, x)  # (B, G * d, L)
         B, _, L = patches.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from singd.capture import (
@@ -38,14 +39,32 @@ CONVS = {
 }  # fmt: skip
 
 
+def _unfolded_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Reference expand rows (ones column with a bias) from ``F.unfold`` of the input padded
+    as the layer pads it."""
+    x = x if x.dim() == 4 else x.unsqueeze(0)
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    patches = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)
+    B, _, L = patches.shape
+    G = conv.groups
+    rows = patches.reshape(B, G, -1, L).permute(0, 3, 1, 2).reshape(B * L * G, -1)
+    if conv.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("cfg", CONVS.values(), ids=CONVS.keys())
-def test_conv_gram_and_square_sums_equal_those_of_the_unfolded_rows(cfg, batched):
+def test_conv_rows_gram_and_square_sums_equal_those_of_the_unfolded_rows(cfg, batched):
     torch.manual_seed(0)
     conv = nn.Conv2d(**cfg).double()
     shape = (5, cfg["in_channels"], 9, 7) if batched else (cfg["in_channels"], 9, 7)
     x = torch.randn(shape, dtype=torch.float64)
-    rows = input_rows(conv, x)
+    rows = _unfolded_rows(conv, x)
+    torch.testing.assert_close(input_rows(conv, x), rows, rtol=0, atol=0)
     gram, count = conv_input_gram(conv, x, torch.float64)
     sums, count2 = conv_input_square_sums(conv, x, torch.float64)
     grad_output = torch.randn_like(conv(x))
