@@ -6,7 +6,9 @@
 Storage: one tensor ``data`` of shape ``(nb + 1, N, N)`` whose last slice holds the ``r x r``
 last block in its top-left corner and zeros elsewhere (the *pad*); ``(nb, N, N)`` when
 ``r = 0`` and ``(1, r, r)`` when ``nb = 0``. The pad stays zero under every operation
-(products of zero-padded blocks are zero-padded; ``diag_add_`` skips it), so that the
+(products of zero-padded blocks are zero-padded while the entries are finite: an Inf in the
+last block turns its pad into NaN, which stays inside that block; ``diag_add_`` skips the
+pad; code that writes into ``_tensors()``, e.g. a collective, must keep it zero), so that the
 factor algebra of a SINGD step (structured products, scaling, sums, traces) is one torch
 call each instead of one per part: at the sizes SINGD meets on a CPU each call costs a few
 microseconds whatever its size, more than the flops of the padded block. Products with
