@@ -237,19 +237,19 @@ def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
 
 def gram_route(F: StructuredMatrix) -> bool:
     """Whether ``Pi(F^T X^T X F)`` is cheaper from ``X^T X`` when X has more rows than
-    columns: dense-storage factors, and hierarchical / Toeplitz factors up to
-    ``DENSE_GRAM_MAX`` (one BLAS Gram and a ``d x d`` projection beat their structured row
-    products; Toeplitz conv statistics 4x)."""
+    columns: dense-storage factors, and the other non-diagonal factors up to
+    ``DENSE_GRAM_MAX`` (one BLAS Gram and a projection beat their structured row products;
+    Toeplitz conv statistics 4x; block-diagonal conv statistics skip the row matrix)."""
     if isinstance(F, (Dense, Triangular)):
         return True
-    return F.dim <= DENSE_GRAM_MAX and not isinstance(F, (Diagonal, BlockDiagonal))
+    return F.dim <= DENSE_GRAM_MAX and not isinstance(F, Diagonal)
 
 
 def gram_statistic(F: StructuredMatrix, A: Tensor) -> StructuredMatrix:
     """``Pi(F^T A F)`` for a symmetric ``A = X^T X`` (factors where :func:`gram_route`)."""
     if isinstance(F, Dense):
         return Dense._wrap(F.dim, F.mat.T @ A @ F.mat)
-    if isinstance(F, (Triangular, Hierarchical)):
+    if isinstance(F, (Triangular, Hierarchical, BlockDiagonal)):
         return F.from_gram(A)
     Fd = F.to_dense()
     return F._from_dense(Fd.T @ A @ Fd)
@@ -300,11 +300,12 @@ def gram(F: StructuredMatrix, other_dim: int | None = None, T: int = 1) -> Gram 
     if isinstance(F, Dense):
         return Gram("dense", F.mat @ F.mat.T)
     if F.dim <= DENSE_GRAM_MAX and T > 1:
+        if isinstance(F, BlockDiagonal):  # one batched product, then scattered
+            return Gram("dense", F.gram_blocks().to_dense())
         dense = F.to_dense()
         return Gram("dense", dense @ dense.T)
     if isinstance(F, BlockDiagonal):
-        blocks = torch.bmm(F.blocks, F.blocks.transpose(1, 2))
-        return Gram("structured", type(F)._wrap(F.dim, blocks, F.last @ F.last.T))
+        return Gram("structured", F.gram_blocks())
     return None
 
 
