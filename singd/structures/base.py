@@ -22,6 +22,7 @@ Conventions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -325,6 +326,23 @@ class StructuredMatrix(ABC):
     @abstractmethod
     def _from_inner_eye(self) -> StructuredMatrix:
         """``Pi(S^T S)``."""
+
+
+def view_setter(field: str, storage: str) -> Callable[[StructuredMatrix, Tensor], None]:
+    """The setter of a property whose part is a view of packed storage: while the
+    constructor validates (``self._parts`` exists) it collects the value; afterwards
+    assignment raises (the view must be written in place)."""
+
+    def setter(self: StructuredMatrix, value: Tensor) -> None:
+        parts = getattr(self, "_parts", None)
+        if parts is None:
+            raise AttributeError(
+                f"{self.name}: {field} is a view of {storage}; write into it in place "
+                "instead of assigning"
+            )
+        parts[field] = value
+
+    return setter
 
 
 #: Result sizes from which :func:`symmetric_gram` splits into blocks (measured: 513 wide

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from singd.structures.base import Scalar, StructuredMatrix
+from singd.structures.base import Scalar, StructuredMatrix, view_setter
 
 #: Transposed operands with fewer columns than this take the row form (see ``_apply``).
 _ROWS_BELOW = 16
@@ -106,17 +106,6 @@ class BlockDiagonal(StructuredMatrix):
         return data
 
     # ------------------------------------------------------------------ blocks as views
-    def _part_setter(field: str):  # noqa: N805 - a helper run at class creation
-        def setter(self: BlockDiagonal, value: Tensor) -> None:
-            parts = getattr(self, "_parts", None)
-            if parts is None:
-                raise AttributeError(
-                    f"{self.name}: {field} is a view of the stored data; write into it in "
-                    "place instead of assigning"
-                )
-            parts[field] = value
-
-        return setter
 
     @property
     def data(self) -> Tensor:
@@ -168,9 +157,10 @@ class BlockDiagonal(StructuredMatrix):
         last = self._views()[1]
         return self._any().new_empty(0, 0) if last is None else last
 
-    blocks = property(_get_blocks, _part_setter("blocks"), doc="The full blocks (a view).")
-    last = property(_get_last, _part_setter("last"), doc="The last block (a view).")
-    del _part_setter
+    _set = "the stored data"
+    blocks = property(_get_blocks, view_setter("blocks", _set), doc="The full blocks (a view).")
+    last = property(_get_last, view_setter("last", _set), doc="The last block (a view).")
+    del _set
 
     def _tensors(self) -> list[Tensor]:
         """The stored tensor ``[data]`` (the pad included: it is zero)."""

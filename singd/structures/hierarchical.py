@@ -26,12 +26,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from singd.structures.base import Scalar, StructuredMatrix
+from singd.structures.base import Scalar, StructuredMatrix, view_setter
 
 #: :meth:`Hierarchical.from_gram` works by bands from ``dim >= 4 (k1 + k2)``, below by two
 #: dense products (measured, one thread, hierarchical15_15, dense route -> bands: dim 145
 #: 185 -> 93 us, dim 129 143 -> 86 us, but dim 65 55 -> 74 us).
 _FROM_GRAM_BANDS_FROM = 4
+
+
+_BANDS = "the stored bands"
 
 
 class Hierarchical(StructuredMatrix):
@@ -72,24 +75,11 @@ class Hierarchical(StructuredMatrix):
         self.bot = torch.cat([p["D"], p["E"]], 1)
 
     # ------------------------------------------------------------------ blocks as views
-    def _block_setter(field: str):  # noqa: N805 - a helper run at class creation
-        def setter(self: Hierarchical, value: Tensor) -> None:
-            parts = getattr(self, "_parts", None)
-            if parts is None:
-                raise AttributeError(
-                    f"{self.name}: {field} is a view of the stored bands; write into it "
-                    "in place instead of assigning"
-                )
-            parts[field] = value
-
-        return setter
-
-    A = property(lambda self: self.top[:, : self.top.shape[0]], _block_setter("A"))
-    B = property(lambda self: self.top[:, self.top.shape[0] :], _block_setter("B"))
-    c = property(lambda self: self._c, _block_setter("c"))
-    D = property(lambda self: self.bot[:, : self._c.shape[0]], _block_setter("D"))
-    E = property(lambda self: self.bot[:, self._c.shape[0] :], _block_setter("E"))
-    del _block_setter
+    A = property(lambda self: self.top[:, : self.top.shape[0]], view_setter("A", _BANDS))
+    B = property(lambda self: self.top[:, self.top.shape[0] :], view_setter("B", _BANDS))
+    c = property(lambda self: self._c, view_setter("c", _BANDS))
+    D = property(lambda self: self.bot[:, : self._c.shape[0]], view_setter("D", _BANDS))
+    E = property(lambda self: self.bot[:, self._c.shape[0] :], view_setter("E", _BANDS))
 
     def _tensors(self) -> list[Tensor]:
         """The stored tensors ``[top, c, bot]`` (the bands, not the block views)."""
