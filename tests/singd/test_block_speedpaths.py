@@ -156,3 +156,16 @@ def test_to_dense_places_every_block(d):
     expected = torch.block_diag(*S.blocks.unbind(0), S.last)
     assert torch.equal(S.to_dense(), expected)
     torch.testing.assert_close(S.gram_blocks().to_dense(), expected @ expected.T)
+
+
+def test_assigning_a_block_view_raises_and_names_the_storage():
+    """``blocks``/``last`` are views of the padded storage: rebinding them would detach
+    them from it silently, so assignment is refused (in-place writes are the way)."""
+    S = random_block(65, 0)
+    for field in ("blocks", "last"):
+        with pytest.raises(AttributeError, match=f"{field} is a view of the stored data"):
+            setattr(S, field, torch.zeros_like(getattr(S, field)))
+    before = S.blocks[0].clone()
+    S.blocks.mul_(2.0)  # in place: seen by the storage
+    assert torch.equal(S.blocks[0], 2 * before)
+    assert torch.equal(S.to_dense()[:N, :N], S.blocks[0])
