@@ -166,11 +166,15 @@ def state_bytes(opt) -> int:
     )
 
 
+def phase_medians(times: list[float], period: int = 10) -> list[float]:
+    """Median step time of each phase of a T=10 cycle (step index mod 10; blocks start at a
+    multiple of 10, so phase 0 is the update step)."""
+    return [statistics.median(times[i::period]) for i in range(period)]
+
+
 def cycle_mean(times: list[float], period: int = 10) -> float:
-    """Mean step time over a T=10 cycle, robust to load spikes: the median time of each
-    phase (step index mod 10; blocks start at a multiple of 10) averaged over the phases."""
-    phases = [times[i::period] for i in range(period)]
-    return statistics.fmean(statistics.median(p) for p in phases)
+    """Mean step time over a T=10 cycle, robust to load spikes: the phase medians averaged."""
+    return statistics.fmean(phase_medians(times, period))
 
 
 def measure(model_name: str, steps: int, rounds: int, warmup: int) -> dict[str, dict]:
@@ -195,6 +199,8 @@ def measure(model_name: str, steps: int, rounds: int, warmup: int) -> dict[str, 
         n: {
             "median": statistics.median(ts),
             "mean": cycle_mean(ts),
+            "update": phase_medians(ts)[0],
+            "other": statistics.fmean(phase_medians(ts)[1:]),
             "steps": len(ts),
             "bytes": state_bytes(runs[n][1]),
             # SINGD: whether statistics buffers survive the last step() (they must not)
@@ -262,6 +268,24 @@ def main() -> None:
                     f"{achieved / rate:.0%} |"
                 )
         lines.append("")
+        lines.append(
+            "T=10 cycle split: the update step (phase 0, median) and the mean of the other "
+            "nine phases' medians, each as a ratio to AdamW's median step:"
+        )
+        lines.append("")
+        lines.append(
+            "| config | MLP update step | MLP other steps | CNN update step | CNN other steps |"
+        )
+        lines.append("|---|---:|---:|---:|---:|")
+        for name, _ in CONFIGS:
+            if name.startswith("T=10"):
+                cells = [
+                    f"{results[m][name][k] / results[m]['AdamW']['median']:.2f}"
+                    for m in MODELS
+                    for k in ("update", "other")
+                ]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
         if threads == args.threads[0]:
             lines.append("Optimizer-state bytes (T=1; T=10 adds the cached Gram matrices):")
             lines.append("")
@@ -278,7 +302,8 @@ def main() -> None:
             lines.append("")
     header = (
         f"Command: `python benchmarks/step_time.py --threads {' '.join(map(str, args.threads))} "
-        f"--steps {args.steps}` (torch {torch.__version__}, {platform.machine()}, "
+        f"--steps {args.steps} --rounds {args.rounds}` (torch {torch.__version__}, "
+        f"{platform.machine()}, "
         f"{os.cpu_count()} cores shared, load average {os.getloadavg()[0]:.1f} at the end, "
         f"batch 128, float32, fixed batch; every config >= {args.steps} timed steps after "
         f"{args.warmup} warm-up steps, all configs of a model interleaved in {args.rounds} "
