@@ -606,7 +606,7 @@ class SINGD(Optimizer):
             owners = self.reduce_statistics.owners([(st.K, st.C) for st, _, _ in todo])
             me = self.reduce_statistics.rank()
         # layers whose K and C are both diagonal go through one foreach update per group
-        diagonal: dict[tuple[int, torch.dtype], list[int]] = {}
+        diagonal: dict[tuple[int, torch.dtype, bool], list[int]] = {}
         for i, (st, H_K, H_C) in enumerate(todo):
             group = st.group
             alpha1 = self._alpha1(group)
@@ -616,7 +616,8 @@ class SINGD(Optimizer):
             if owners is not None and owners[i] != me:
                 continue  # another rank updates this layer; share_factors copies it here
             if type(st.K) is Diagonal and type(st.C) is Diagonal and st.K.dtype == st.C.dtype:
-                diagonal.setdefault((id(group), st.K.dtype), []).append(i)
+                # one group and dtype: both statistics are raw square sums or neither is
+                diagonal.setdefault((id(group), st.K.dtype, raw[i][0]), []).append(i)
                 continue
             st.K, st.C, m_K, m_C = riemannian_step(
                 st.K,
@@ -640,14 +641,6 @@ class SINGD(Optimizer):
             layers = [todo[i][0] for i in batch]
             group = layers[0].group
             momentum = self._alpha1(group) > 0
-            square_sums = all(raw[i][0] and raw[i][1] for i in batch)
-            if not square_sums:  # mixed (unusual): finish the raw ones here
-                for i in batch:
-                    st, H_K, H_C = todo[i]
-                    if raw[i][0]:
-                        diagonal_statistic(st.K, H_K.diag)
-                    if raw[i][1]:
-                        diagonal_statistic(st.C, H_C.diag)
             squares = diagonal_steps(
                 [st.K for st in layers],
                 [st.C for st in layers],
@@ -662,7 +655,7 @@ class SINGD(Optimizer):
                 normalize_lr_cov=group["normalize_lr_cov"],
                 scales_K=[scales[i][0] for i in batch],
                 scales_C=[scales[i][1] for i in batch],
-                square_sums=square_sums,
+                square_sums=raw[batch[0]][0],
             )
             for j, st in enumerate(layers):  # F F^T of a diagonal factor: its squared entries
                 st.gram_K = Gram("diag", squares[j])

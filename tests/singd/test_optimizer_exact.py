@@ -99,6 +99,8 @@ def test_structured_path_equals_dense_reference_over_20_steps(name, T, alpha1):
         # diagonal K and C of all layers take one batched (foreach) update
         dict(kfac_like=True, alpha1=0.0, structures=("diagonal", "diagonal")),
         dict(normalize_lr_cov=True, alpha1=0.5, lr_cov=0.5, structures=("diagonal", "diagonal")),
+        # "reduce" statistics are finished Pi(F^T a^T a F), not raw column sums of squares
+        dict(kfac_approx="reduce", alpha1=0.5, structures=("diagonal", "diagonal")),
     ],
     ids=[
         "ikfac",
@@ -110,6 +112,7 @@ def test_structured_path_equals_dense_reference_over_20_steps(name, T, alpha1):
         "bs",
         "diagonal_ikfac",
         "diagonal_normalize_lr_cov",
+        "diagonal_reduce",
     ],  # fmt: skip
 )
 def test_options_equal_dense_reference(options):
