@@ -48,6 +48,12 @@ class StructuredMatrix(ABC):
         """Shapes of the stored tensors, in ``_fields`` order, for a matrix of size ``dim``."""
 
     @classmethod
+    def _storage_shapes(cls, dim: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the tensors `_wrap` takes (the stored fields' `_shapes` unless a
+        structure packs its fields into other storage)."""
+        return cls._shapes(dim)
+
+    @classmethod
     def _wrap(cls, dim: int, *tensors: Tensor) -> StructuredMatrix:
         """Build an instance from stored tensors without validation (internal fast path)."""
         obj = cls.__new__(cls)
@@ -103,7 +109,7 @@ class StructuredMatrix(ABC):
         """The zero matrix of size ``dim`` in this structure."""
         cls._check_concrete()
         dim = cls._check_dim(dim)
-        tensors = [torch.zeros(s, dtype=dtype, device=device) for s in cls._shapes(dim)]
+        tensors = [torch.zeros(s, dtype=dtype, device=device) for s in cls._storage_shapes(dim)]
         return cls._wrap(dim, *tensors)
 
     @classmethod

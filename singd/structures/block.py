@@ -204,21 +204,12 @@ class BlockDiagonal(StructuredMatrix):
         return last if full is None else full
 
     @classmethod
-    def _data_shape(cls, dim: int) -> tuple[int, int, int]:
+    def _storage_shapes(cls, dim: int) -> tuple[tuple[int, int, int]]:
         """The shape of the padded storage for ``dim``."""
         nb, r = divmod(dim, cls.N)
         if nb == 0:
-            return (1, r, r)
-        return (nb + (r > 0), cls.N, cls.N)
-
-    @classmethod
-    def zeros(
-        cls, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> BlockDiagonal:
-        """The zero matrix of size ``dim`` in this structure."""
-        cls._check_concrete()
-        dim = cls._check_dim(dim)
-        return cls._wrap(dim, torch.zeros(cls._data_shape(dim), dtype=dtype, device=device))
+            return ((1, r, r),)
+        return ((nb + (r > 0), cls.N, cls.N),)
 
     @classmethod
     def _shapes(cls, dim: int) -> tuple[tuple[int, ...], ...]:

@@ -115,19 +115,10 @@ class Hierarchical(StructuredMatrix):
         return self.top.device
 
     @classmethod
-    def zeros(
-        cls, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-    ) -> Hierarchical:
-        """The zero matrix of size ``dim`` in this structure."""
-        cls._check_concrete()
-        dim = cls._check_dim(dim)
+    def _storage_shapes(cls, dim: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the bands ``top``, ``c``, ``bot`` for ``dim``."""
         k1, m, k2 = cls._sizes(dim)
-        return cls._wrap(
-            dim,
-            torch.zeros(k1, dim, dtype=dtype, device=device),
-            torch.zeros(m, dtype=dtype, device=device),
-            torch.zeros(k2, dim - k1, dtype=dtype, device=device),
-        )
+        return ((k1, dim), (m,), (k2, dim - k1))
 
     @classmethod
     def _sizes(cls, dim: int) -> tuple[int, int, int]:
