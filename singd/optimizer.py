@@ -605,7 +605,7 @@ class SINGD(Optimizer):
         if getattr(self.reduce_statistics, "share_work", False):
             owners = self.reduce_statistics.owners([(st.K, st.C) for st, _, _ in todo])
             me = self.reduce_statistics.rank()
-        # layers whose K and C are both diagonal go through one foreach update per group
+        # layers whose K and C are both diagonal: one flat update per group and dtype
         diagonal: dict[tuple[int, torch.dtype, bool], list[int]] = {}
         for i, (st, H_K, H_C) in enumerate(todo):
             group = st.group

@@ -90,19 +90,12 @@ def riemannian_step(
     ``alpha1 == 0`` (then the returned momenta are None too). ``kfac_like`` (IKFAC) uses
     ``m^ = 1/2 (H + lambda Pi(K^T K) - I)`` and ignores ``alpha1``. ``K`` and ``C`` are
     updated in place and returned. ``scale_K``/``scale_C`` multiply the statistics (so that
-    callers need not rescale them first).
+    callers need not rescale them first). Layers whose K and C are both diagonal have a
+    faster batched form, :func:`diagonal_steps`.
     """
     if kfac_like:
         alpha1 = 0.0
     half = 0.5 * (1.0 - alpha1) if normalize_lr_cov else 0.5
-    if type(K) is Diagonal and type(C) is Diagonal and K.dtype == C.dtype:
-        momentum = alpha1 > 0.0 and m_K is not None and m_C is not None
-        diagonal_steps(
-            [K], [C], [H_K], [H_C], [m_K] if momentum else None, [m_C] if momentum else None,
-            damping=damping, alpha1=alpha1, lr_cov=lr_cov, kfac_like=kfac_like,
-            normalize_lr_cov=normalize_lr_cov, scales_K=[scale_K], scales_C=[scale_C],
-        )  # fmt: skip
-        return (K, C, m_K, m_C) if momentum else (K, C, None, None)
     mh_K, mh_C = _m_hat(H_K, H_C, K, C, damping, kfac_like, half, scale_K, scale_C)
     if alpha1 > 0.0 and m_K is not None and m_C is not None:
         m_K = m_K.mul_(alpha1).add_(mh_K)
@@ -122,8 +115,8 @@ def riemannian_step(
 
 
 #: Non-diagonal factors up to this size get a dense ``F F^T`` cache whatever their structure
-#: and the other factor's size (T > 1); hierarchical and Toeplitz ones also take their
-#: statistics from a dense ``X^T X`` when there are more rows than columns.
+#: and the other factor's size (T > 1), and take their statistics from ``X^T X`` when there
+#: are more rows than columns (:func:`gram_route`).
 DENSE_GRAM_MAX = 256
 
 
