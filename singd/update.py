@@ -13,6 +13,7 @@ arguments in place where the docstring says so and return the results.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -120,21 +121,12 @@ def riemannian_step(
 DENSE_GRAM_MAX = 256
 
 
-#: ``(lengths, device) -> (segment id of every entry, lengths)`` for :func:`diagonal_steps`.
-_SEGMENTS: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _segments(lengths: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Segment ids (``i`` repeated ``lengths[i]`` times) and the lengths, cached per shape."""
-    key = (lengths, device)
-    hit = _SEGMENTS.get(key)
-    if hit is None:
-        counts = torch.tensor(lengths, device=device)
-        ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)
-        if len(_SEGMENTS) >= 64:  # many shapes (e.g. a sweep of models): start over
-            _SEGMENTS.clear()
-        hit = _SEGMENTS[key] = (ids, counts)
-    return hit
+    """Segment ids (``i`` repeated ``lengths[i]`` times) and the lengths, cached per shape
+    (for :func:`diagonal_steps`)."""
+    counts = torch.tensor(lengths, device=device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), counts), counts
 
 
 def diagonal_steps(

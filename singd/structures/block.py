@@ -19,6 +19,7 @@ product over the full blocks and one over the last block. ``blocks`` and ``last`
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -29,12 +30,6 @@ from singd.structures.base import Scalar, StructuredMatrix, view_setter
 #: Transposed operands with fewer columns than this take the row form (see ``_apply``).
 _ROWS_BELOW = 16
 
-#: ``(nb, N, r, dtype, device) -> (nb + 1, N)`` ones on the diagonals, zeros on the pad.
-_DIAG_MASKS: dict[tuple, Tensor] = {}
-
-#: ``(value, dtype) -> 0-dim CPU tensor``: Python numbers as operands of in-place ops.
-_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
-
 
 def _scalar(value: float, dtype: torch.dtype) -> Tensor:
     """``value`` as a cached 0-dim CPU tensor in the computation precision of ``dtype``.
@@ -44,14 +39,21 @@ def _scalar(value: float, dtype: torch.dtype) -> Tensor:
     read the same way (in float32 for 16-bit and float32 tensors, float64 for float64), so
     the results are identical.
     """
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    key = (value, acc)
-    t = _SCALARS.get(key)
-    if t is None:
-        if len(_SCALARS) >= 256:  # e.g. a schedule of values: start over
-            _SCALARS.clear()
-        t = _SCALARS[key] = torch.tensor(value, dtype=acc)
-    return t
+    return _scalar_tensor(value, torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@functools.lru_cache(maxsize=256)  # e.g. a schedule of values: the oldest go
+def _scalar_tensor(value: float, dtype: torch.dtype) -> Tensor:
+    """A 0-dim CPU tensor holding ``value`` (shared: only ever read)."""
+    return torch.tensor(value, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _diag_mask_of(nb: int, N: int, r: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(nb + 1, N)``: ones on the diagonals of the padded storage, zeros on the pad."""
+    mask = torch.ones(nb + 1, N, dtype=dtype, device=device)
+    mask[nb, r:] = 0
+    return mask
 
 
 class BlockDiagonal(StructuredMatrix):
@@ -254,15 +256,7 @@ class BlockDiagonal(StructuredMatrix):
         if nb == 0 or r == 0:
             return None
         data = self.data
-        key = (nb, self.N, r, data.dtype, data.device)
-        mask = _DIAG_MASKS.get(key)
-        if mask is None:
-            if len(_DIAG_MASKS) >= 64:  # many shapes (e.g. a sweep of models): start over
-                _DIAG_MASKS.clear()
-            mask = data.new_ones(nb + 1, self.N)
-            mask[nb, r:] = 0
-            _DIAG_MASKS[key] = mask
-        return mask
+        return _diag_mask_of(nb, self.N, r, data.dtype, data.device)
 
     def diag_add_(self, value: Scalar) -> BlockDiagonal:
         diag = self.data.diagonal(dim1=1, dim2=2)
