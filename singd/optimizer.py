@@ -42,7 +42,6 @@ from singd.update import (
     diagonal_steps,
     gram,
     gram_route,
-    gram_statistic,
     heavy_ball_step_,
     inner_statistic,
     precondition,
@@ -471,7 +470,7 @@ class SINGD(Optimizer):
                 and conv_row_count(module, grad_output) > K.dim
             ):
                 A, rows = conv_input_gram(module, x, K.dtype)
-                term_K, w_K = gram_statistic(K, A), 1.0
+                term_K, w_K = K.from_gram(A), 1.0
             elif K.dtype == torch.float16:  # mean of squares, accumulated in fp32
                 a = input_rows(module, x, approx)
                 rows = a.shape[0]

@@ -24,7 +24,6 @@ from singd.structures import (
     BlockDiagonal,
     Dense,
     Diagonal,
-    Hierarchical,
     StructuredMatrix,
     Triangular,
     TriangularToeplitz,
@@ -216,7 +215,7 @@ def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
     ``F.from_inner(X^T)``, which never forms a ``d x d`` matrix for sparse structures.
     """
     if rows.shape[0] > F.dim and gram_route(F):
-        return gram_statistic(F, symmetric_gram(rows))
+        return F.from_gram(symmetric_gram(rows))
     return F.from_inner(rows.T)
 
 
@@ -228,16 +227,6 @@ def gram_route(F: StructuredMatrix) -> bool:
     if isinstance(F, (Dense, Triangular)):
         return True
     return F.dim <= DENSE_GRAM_MAX and not isinstance(F, Diagonal)
-
-
-def gram_statistic(F: StructuredMatrix, A: Tensor) -> StructuredMatrix:
-    """``Pi(F^T A F)`` for a symmetric ``A = X^T X`` (factors where :func:`gram_route`)."""
-    if isinstance(F, Dense):
-        return Dense._wrap(F.dim, F.mat.T @ A @ F.mat)
-    if isinstance(F, (Triangular, Hierarchical, BlockDiagonal)):
-        return F.from_gram(A)
-    Fd = F.to_dense()
-    return F._from_dense(Fd.T @ A @ Fd)
 
 
 def diagonal_statistic(F: Diagonal, square_sums: Tensor) -> Diagonal:

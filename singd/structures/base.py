@@ -14,7 +14,9 @@ Conventions:
   ``_project`` taking the parts of ``M`` it needs; ``from_dense``, ``from_inner(X)`` and
   ``from_inner()`` only differ in how they compute those parts.
 * ``S.from_inner(X)`` is ``Pi(S^T X X^T S)`` computed from ``Y = S^T X`` without forming
-  ``Y Y^T`` where the structure is sparse.
+  ``Y Y^T`` where the structure is sparse; ``S.from_gram(A)`` is ``Pi(S^T A S)`` for a
+  symmetric ``A`` (e.g. ``X X^T`` formed once for many rows), by the dense form unless a
+  structure has a cheaper route.
 * Operands must have the same dtype as ``S`` (a ``ValueError`` says so): products never
   change precision silently.
 """
@@ -312,6 +314,23 @@ class StructuredMatrix(ABC):
             return self._from_inner_eye()
         X, _ = self._operand(X, "from_inner")
         return self._from_inner(X)
+
+    def from_gram(self, A: Tensor) -> StructuredMatrix:
+        """``Pi(S^T A S)`` for a symmetric ``A`` of shape ``(dim, dim)`` in S's dtype (e.g.
+        ``A = X^T X`` formed once for many rows: equal to ``from_inner(X^T)``)."""
+        self._check_square(A, "A")
+        if A.shape[0] != self.dim or A.dtype != self.dtype:
+            raise ValueError(
+                f"{self.name}.from_gram: A must be ({self.dim}, {self.dim}) of dtype "
+                f"{self.dtype}, got {tuple(A.shape)} of dtype {A.dtype}"
+            )
+        return self._from_gram(A)
+
+    def _from_gram(self, A: Tensor) -> StructuredMatrix:
+        """``Pi(S^T A S)`` for a validated ``A`` (here by the dense form; structures with a
+        cheaper route override it)."""
+        S = self.to_dense()
+        return self._from_dense(S.T @ A @ S)
 
     @abstractmethod
     def _matmul(self, other: StructuredMatrix) -> StructuredMatrix:

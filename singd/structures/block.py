@@ -382,15 +382,9 @@ class BlockDiagonal(StructuredMatrix):
         torch.mm(Zl.T, Zl, out=out.as_strided((r, r), (N, 1), nb * N * N))
         return self._project(dim, out)
 
-    def from_gram(self, A: Tensor) -> BlockDiagonal:
+    def _from_gram(self, A: Tensor) -> BlockDiagonal:
         """``Pi(S^T A S)`` for a symmetric ``A`` of shape ``(dim, dim)`` (e.g. ``A = X^T X``
         formed once for many rows): only the diagonal blocks of ``A`` are read."""
-        self._check_square(A, "A")
-        if A.shape[0] != self.dim or A.dtype != self.dtype:
-            raise ValueError(
-                f"{self.name}.from_gram: A must be ({self.dim}, {self.dim}) of dtype "
-                f"{self.dtype}, got {tuple(A.shape)} of dtype {A.dtype}"
-            )
         full, last = self._views()
         data, dim, N = self.data, self.dim, self.N
         if full is None:

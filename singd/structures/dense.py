@@ -36,6 +36,9 @@ class Dense(StructuredMatrix):
     def to_dense(self) -> Tensor:
         return self.mat.clone()
 
+    def _from_gram(self, A: Tensor) -> Dense:
+        return self._wrap(self.dim, self.mat.T @ A @ self.mat)
+
     def diag_add_(self, value: Scalar) -> Dense:
         self.mat.diagonal().add_(value)
         return self

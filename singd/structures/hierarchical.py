@@ -310,15 +310,9 @@ class Hierarchical(StructuredMatrix):
             m11 = self._c  # empty
         return self._project(self.dim, Y0 @ Y.T, m11, Y[j:] @ Y[k1:].T)
 
-    def from_gram(self, A: Tensor) -> Hierarchical:
+    def _from_gram(self, A: Tensor) -> Hierarchical:
         """``Pi(S^T A S)`` for a symmetric ``A = X^T X`` of shape ``(dim, dim)`` (equal to
         ``from_inner(X^T)``), in ``O(dim^2 (K1 + K2))`` instead of two dense products."""
-        self._check_square(A, "A")
-        if A.shape[0] != self.dim or A.dtype != self.dtype:
-            raise ValueError(
-                f"{self.name}.from_gram: A must be ({self.dim}, {self.dim}) of dtype "
-                f"{self.dtype}, got {tuple(A.shape)} of dtype {A.dtype}"
-            )
         top, c, bot = self.top, self._c, self.bot
         k1, m = top.shape[0], c.shape[0]
         if k1 == self.dim:

@@ -226,8 +226,8 @@ class Triangular(StructuredMatrix):
             return self._project(tri_dense_part(self.mat.T, not self.lower, self.mat))
         return self._project(symmetric_gram(self.mat))
 
-    def from_gram(self, A: Tensor) -> Triangular:
-        """``Pi(S^T A S)`` for a symmetric ``(dim, dim)`` tensor ``A`` (e.g. ``X^T X``)."""
+    def _from_gram(self, A: Tensor) -> Triangular:
+        """``Pi(S^T A S)``: blocked triangular products from ``_blocked`` sizes."""
         if self._blocked(None, A):
             AS = dense_tri(A, self.mat, self.lower)
             return self._project(tri_dense_part(self.mat.T, not self.lower, AS))

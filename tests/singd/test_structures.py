@@ -197,6 +197,10 @@ def test_every_operation_matches_dense_math(name, d, dtype, symmetric):
     H0 = S.from_inner()
     assert type(H0) is cls
     check(H0.to_dense(), ref_pi(name, A.T @ A), 2 * Aa.T @ Aa, dtype)
+    # from_gram(A) = Pi(S^T A S) for a symmetric A = X X^T (the statistic from X^T X)
+    HG = S.from_gram(X @ X.T)
+    assert type(HG) is cls and HG.dtype == dtype
+    check(HG.to_dense(), ref_pi(name, A.T @ Xd @ Xd.T @ A), scale, dtype)
 
     # traces and norms
     check(S.average_trace(), A.trace() / d, Aa.max(), dtype)
