@@ -166,15 +166,16 @@ def state_bytes(opt) -> int:
     )
 
 
-def phase_medians(times: list[float], period: int = 10) -> list[float]:
-    """Median step time of each phase of a T=10 cycle (step index mod 10; blocks start at a
-    multiple of 10, so phase 0 is the update step)."""
-    return [statistics.median(times[i::period]) for i in range(period)]
-
-
-def cycle_mean(times: list[float], period: int = 10) -> float:
-    """Mean step time over a T=10 cycle, robust to load spikes: the phase medians averaged."""
-    return statistics.fmean(phase_medians(times, period))
+def cycle_times(times: list[float], period: int = 10) -> dict[str, float]:
+    """A T=10 cycle's step times, robust to load spikes, from the median of each phase (step
+    index mod 10; blocks start at a multiple of 10, so phase 0 is the update step): the mean
+    over all phases, the update step, and the mean of the other phases."""
+    phases = [statistics.median(times[i::period]) for i in range(period)]
+    return {
+        "mean": statistics.fmean(phases),
+        "update": phases[0],
+        "other": statistics.fmean(phases[1:]),
+    }
 
 
 def measure(model_name: str, steps: int, rounds: int, warmup: int) -> dict[str, dict]:
@@ -198,9 +199,7 @@ def measure(model_name: str, steps: int, rounds: int, warmup: int) -> dict[str, 
     return {
         n: {
             "median": statistics.median(ts),
-            "mean": cycle_mean(ts),
-            "update": phase_medians(ts)[0],
-            "other": statistics.fmean(phase_medians(ts)[1:]),
+            **cycle_times(ts),
             "steps": len(ts),
             "bytes": state_bytes(runs[n][1]),
             # SINGD: whether statistics buffers survive the last step() (they must not)
@@ -215,9 +214,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per config")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved blocks")
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=30, help="rounded up to whole T=10 cycles")
     parser.add_argument("--write", help="replace the '## Optimizer step time' section here")
     args = parser.parse_args()
+    args.warmup += (-args.warmup) % 10  # timed blocks start on an update step (phase 0)
 
     lines: list[str] = []
     for threads in args.threads:
