@@ -97,6 +97,19 @@ class Layer:
             gb = gb.to(gw.dtype)
         return torch.cat([gw, gb.unsqueeze(1)], dim=1)
 
+    def diagonal_scales(self, left: Tensor, right: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Views of ``left`` (length d_C) and ``right`` (length d_K) that broadcast against
+        ``params()``: ``left_i * grad_i * right_i`` is ``diag(left) G diag(right)`` split like
+        the parameters (no ``d_C x d_K`` matrix is formed)."""
+        w = self.weight
+        n = math.prod(w.shape[1:])
+        lefts = [left.view(-1, *([1] * (w.dim() - 1)))]
+        rights = [right[:n].view(1, *w.shape[1:])]
+        if self.bias is not None:
+            lefts.append(left)
+            rights.append(right[n])
+        return lefts, rights
+
     def split(self, mat: Tensor) -> list[Tensor]:
         """Split a ``d_C x d_K`` matrix into tensors shaped like ``params()``."""
         w = mat[:, : math.prod(self.weight.shape[1:])].reshape(self.weight.shape)
@@ -255,7 +268,9 @@ def input_rows(module: nn.Module, x: Tensor, kfac_approx: str = "expand") -> Ten
             rows = _nhwc_rows(module, x)  # one column gather below beats unfold's copies
             rows = rows.index_select(1, _weight_order(*module.kernel_size, c, x.device))
             if module.bias is not None:
-                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+                rows = torch.cat(
+                    [rows, _ones_column(rows.shape[0], rows.dtype, rows.device)], dim=1
+                )
             return rows
         patches = _conv_patches(module, x)  # (B, G * d, L)
         B, _, L = patches.shape
@@ -272,7 +287,7 @@ def input_rows(module: nn.Module, x: Tensor, kfac_approx: str = "expand") -> Ten
         else:
             rows = x.reshape(x.shape[0], -1, d_in).mean(dim=1)
     if module.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        rows = torch.cat([rows, _ones_column(rows.shape[0], rows.dtype, rows.device)], dim=1)
     return rows
 
 
@@ -300,7 +315,7 @@ def conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> 
     sq = patches.sum(-1).reshape(G, -1).sum(0)
     rows = x.shape[0] * L * G
     if module.bias is not None:
-        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
+        sq = torch.cat([sq, _filled(float(rows), sq.dtype, sq.device)])
     return sq, rows
 
 
@@ -349,12 +364,29 @@ def input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple
     the row count, without building the rows (Conv2d: see :func:`conv_input_square_sums`)."""
     if isinstance(module, nn.Conv2d):
         return conv_input_square_sums(module, x, dtype)
-    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dtype != dtype:
+        x = x.to(dtype)
     rows = x.shape[0]
     sq = (x * x).sum(0)
     if module.bias is not None:
-        sq = torch.cat([sq, sq.new_full((1,), float(rows))])
+        sq = torch.cat([sq, _filled(float(rows), sq.dtype, sq.device)])
     return sq, rows
+
+
+@functools.lru_cache(maxsize=16)
+def _ones_column(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A shared ``(n, 1)`` column of ones, the bias column of the input rows (only ever
+    read: ``torch.cat`` copies it)."""
+    return torch.ones(n, 1, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A shared one-element tensor holding ``value`` (only ever read: ``torch.cat`` copies
+    it), so that appending a bias column's count costs no allocation per call."""
+    return torch.full((1,), value, dtype=dtype, device=device)
 
 
 def grad_square_sums(module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Tensor:
@@ -362,7 +394,9 @@ def grad_square_sums(module: nn.Module, grad_output: Tensor, dtype: torch.dtype)
     if isinstance(module, nn.Conv2d):
         g = (grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)).to(dtype)
         return g.square().sum((0, 2, 3))
-    g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
+    g = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, grad_output.shape[-1])
+    if g.dtype != dtype:
+        g = g.to(dtype)
     return (g * g).sum(0)
 
 

@@ -45,6 +45,7 @@ from singd.update import (
     heavy_ball_step_,
     inner_statistic,
     precondition,
+    precondition_diagonal,
     riemannian_step,
 )
 from singd.views import FactorView, LayerFactors
@@ -451,60 +452,67 @@ class SINGD(Optimizer):
 
     def _on_backward(self, name: str, x: Tensor, grad_output: Tensor) -> None:
         """Accumulate ``Pi(K^T a^T a K)`` and ``Pi(C^T g^T g C)`` for one backward pass."""
+        if torch.is_grad_enabled():  # backward(create_graph=True): record nothing
+            with torch.no_grad():
+                self._statistics(name, x, grad_output)
+        else:  # a plain backward already runs without grad (and the context costs ~5 us)
+            self._statistics(name, x, grad_output)
+
+    def _statistics(self, name: str, x: Tensor, grad_output: Tensor) -> None:
+        """The body of :meth:`_on_backward`, run without autograd recording."""
         st = self._layers[name]
         self._follow(st)
         group, module = st.group, st.layer.module
         approx = group["kfac_approx"]
-        with torch.no_grad():
-            K = st.K
-            expand = approx == "expand"
-            raw_K = expand and type(K) is Diagonal and K.dtype in _FULL
-            if raw_K:
-                sq, rows = input_square_sums(module, x, K.dtype)
-                term_K, w_K = Diagonal._wrap(K.dim, sq), 1.0
-            elif (
-                expand
-                and isinstance(module, nn.Conv2d)
-                and K.dtype in _FULL
-                and gram_route(K)
-                and conv_row_count(module, grad_output) > K.dim
-            ):
-                A, rows = conv_input_gram(module, x, K.dtype)
-                term_K, w_K = K.from_gram(A), 1.0
-            elif K.dtype == torch.float16:  # mean of squares, accumulated in fp32
-                a = input_rows(module, x, approx)
-                rows = a.shape[0]
-                a = (a.float() * (1.0 / math.sqrt(rows))).half()
-                term_K, w_K = inner_statistic(K, a).to(dtype=torch.float32), float(rows)
-            else:
-                a = input_rows(module, x, approx)
-                rows = a.shape[0]
-                a = a if a.dtype == K.dtype else a.to(K.dtype)
-                term_K, w_K = inner_statistic(K, a), 1.0
-            if st.acc_K is None:
-                st.acc_K = _Accumulator(raw_K)
-            st.acc_K.add(term_K, w_K, rows)
+        K = st.K
+        expand = approx == "expand"
+        raw_K = expand and type(K) is Diagonal and K.dtype in _FULL
+        if raw_K:
+            sq, rows = input_square_sums(module, x, K.dtype)
+            term_K, w_K = Diagonal._wrap(K.dim, sq), 1.0
+        elif (
+            expand
+            and isinstance(module, nn.Conv2d)
+            and K.dtype in _FULL
+            and gram_route(K)
+            and conv_row_count(module, grad_output) > K.dim
+        ):
+            A, rows = conv_input_gram(module, x, K.dtype)
+            term_K, w_K = K.from_gram(A), 1.0
+        elif K.dtype == torch.float16:  # mean of squares, accumulated in fp32
+            a = input_rows(module, x, approx)
+            rows = a.shape[0]
+            a = (a.float() * (1.0 / math.sqrt(rows))).half()
+            term_K, w_K = inner_statistic(K, a).to(dtype=torch.float32), float(rows)
+        else:
+            a = input_rows(module, x, approx)
+            rows = a.shape[0]
+            a = a if a.dtype == K.dtype else a.to(K.dtype)
+            term_K, w_K = inner_statistic(K, a), 1.0
+        if st.acc_K is None:
+            st.acc_K = _Accumulator(raw_K)
+        st.acc_K.add(term_K, w_K, rows)
 
-            n = loss_average_count(module, grad_output, group["loss_average"])
-            C = st.C
-            raw_C = expand and type(C) is Diagonal and C.dtype in _FULL
-            if raw_C:
-                sq = grad_square_sums(module, grad_output, C.dtype)
-                term_C, w_C = Diagonal._wrap(C.dim, sq), 1.0
-            elif C.dtype == torch.float16:  # scaled to max |g| = 1 so nothing overflows
-                g = grad_rows(module, grad_output, approx)
-                g32 = g.float()
-                peak = float(g32.abs().max()) if g32.numel() else 0.0
-                peak = peak if math.isfinite(peak) and peak > 0 else 1.0
-                g = (g32 * (1.0 / peak)).half()
-                term_C, w_C = inner_statistic(C, g).to(dtype=torch.float32), peak * peak
-            else:
-                g = grad_rows(module, grad_output, approx)
-                g = g if g.dtype == C.dtype else g.to(C.dtype)
-                term_C, w_C = inner_statistic(C, g), 1.0
-            if st.acc_C is None:
-                st.acc_C = _Accumulator(raw_C)
-            st.acc_C.add(term_C, w_C, n)
+        n = loss_average_count(module, grad_output, group["loss_average"])
+        C = st.C
+        raw_C = expand and type(C) is Diagonal and C.dtype in _FULL
+        if raw_C:
+            sq = grad_square_sums(module, grad_output, C.dtype)
+            term_C, w_C = Diagonal._wrap(C.dim, sq), 1.0
+        elif C.dtype == torch.float16:  # scaled to max |g| = 1 so nothing overflows
+            g = grad_rows(module, grad_output, approx)
+            g32 = g.float()
+            peak = float(g32.abs().max()) if g32.numel() else 0.0
+            peak = peak if math.isfinite(peak) and peak > 0 else 1.0
+            g = (g32 * (1.0 / peak)).half()
+            term_C, w_C = inner_statistic(C, g).to(dtype=torch.float32), peak * peak
+        else:
+            g = grad_rows(module, grad_output, approx)
+            g = g if g.dtype == C.dtype else g.to(C.dtype)
+            term_C, w_C = inner_statistic(C, g), 1.0
+        if st.acc_C is None:
+            st.acc_C = _Accumulator(raw_C)
+        st.acc_C.add(term_C, w_C, n)
 
     def _drop_statistics(self) -> None:
         """Forget statistics gathered since the last step."""
@@ -703,17 +711,43 @@ class SINGD(Optimizer):
     def _update_parameters(self, grad_div: float) -> None:
         """Precondition the layer gradients and apply the heavy-ball update, per group."""
         by_group: dict[int, tuple[list, list]] = {id(g): ([], []) for g in self.param_groups}
+        # layers with diagonal F F^T caches on both sides: (params, grads, lefts, rights)
+        diagonal: dict[int, tuple[list, list, list, list]] = {}
         for st in self._layers.values():
-            G = st.layer.grad_matrix()
-            if G is None:
+            layer = st.layer
+            if layer.weight.grad is None:
                 continue
             self._follow(st)
+            gK, gC = st.gram_K, st.gram_C
+            if (
+                gK is not None
+                and gC is not None
+                and gK.kind == gC.kind == "diag"
+                and all(
+                    p.grad is not None and p.grad.dtype == gK.value.dtype == gC.value.dtype
+                    for p in layer.params()
+                )
+            ):
+                lefts, rights = layer.diagonal_scales(gC.value, gK.value)
+                batch = diagonal.setdefault(id(st.group), ([], [], [], []))
+                batch[0].extend(layer.params())
+                batch[1].extend(p.grad for p in layer.params())
+                batch[2].extend(lefts)
+                batch[3].extend(rights)
+                continue
+            G = layer.grad_matrix()
             if grad_div != 1.0:
                 G.div_(grad_div)
-            D = precondition(G, st.K, st.C, st.gram_K, st.gram_C)
+            D = precondition(G, st.K, st.C, gK, gC)
             params, dirs = by_group[id(st.group)]
-            params.extend(st.layer.params())
-            dirs.extend(st.layer.split(D))
+            params.extend(layer.params())
+            dirs.extend(layer.split(D))
+        for key, (params, grads, lefts, rights) in diagonal.items():
+            D = precondition_diagonal(grads, lefts, rights)
+            if grad_div != 1.0:
+                torch._foreach_div_(D, grad_div)
+            by_group[key][0].extend(params)
+            by_group[key][1].extend(D)
         for group in self.param_groups:
             params, dirs = by_group[id(group)]
             layer_ids = {id(p) for p in params}

@@ -3,7 +3,8 @@
 * :func:`riemannian_step`: from the statistics ``H_K, H_C`` to the new ``K, C`` (INGD, or
   IKFAC with ``kfac_like=True``), with Riemannian momentum and ``normalize_lr_cov``.
 * :func:`precondition`: ``C C^T G K K^T`` by products with K, K^T, C, C^T, or with cached
-  Gram matrices ``K K^T`` / ``C C^T`` from :func:`gram` (two products instead of four).
+  Gram matrices ``K K^T`` / ``C C^T`` from :func:`gram` (two products instead of four);
+  :func:`precondition_diagonal` for many all-diagonal layers at once.
 * :func:`heavy_ball_`: weight decay after preconditioning and the heavy-ball update, foreach;
   :func:`heavy_ball_step_` keeps its buffers in an optimizer's ``state``.
 
@@ -351,6 +352,21 @@ def precondition(
     X = _apply_right(K, gram_K, G if G.dtype == K.dtype else G.to(K.dtype))
     X = _apply_left(C, gram_C, X if X.dtype == C.dtype else X.to(C.dtype))
     return X if X.dtype == out_dtype else X.to(out_dtype)
+
+
+def precondition_diagonal(
+    grads: list[Tensor], lefts: list[Tensor], rights: list[Tensor]
+) -> list[Tensor]:
+    """:func:`precondition` for parameters of layers whose K and C are diagonal: each
+    gradient times its broadcastable views of the squared C entries (``lefts``) and squared
+    K entries (``rights``) from :meth:`singd.capture.Layer.diagonal_scales`, as new tensors;
+    two foreach ops for all parameters instead of a concatenation, two products and a
+    split per layer."""
+    if not grads:
+        return []
+    out = torch._foreach_mul(grads, lefts)
+    torch._foreach_mul_(out, rights)
+    return out
 
 
 # ---------------------------------------------------------------------- parameter update

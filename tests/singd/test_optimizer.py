@@ -257,12 +257,14 @@ def test_autocast_trains_like_float32(dtype):
     assert opt.steps == 15
 
 
+@pytest.mark.parametrize("structures", [("dense", "dense"), ("diagonal", "diagonal")])
 @pytest.mark.parametrize("growth_interval", [1000, 1], ids=["constant", "changing"])
-def test_grad_scaler_run_equals_unscaled_run(growth_interval):
+def test_grad_scaler_run_equals_unscaled_run(growth_interval, structures):
+    # diagonal: the batched foreach preconditioning divides by the scale on its own path
     ref_model, model = mlp(), mlp()
-    train(ref_model, SINGD(ref_model, **FAST), 8)
+    train(ref_model, SINGD(ref_model, **FAST, structures=structures), 8)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=growth_interval)
-    train(model, SINGD(model, **FAST), 8, scaler=scaler)
+    train(model, SINGD(model, **FAST, structures=structures), 8, scaler=scaler)
     if growth_interval == 1:
         assert scaler.get_scale() == 2.0**16  # the scale really changed every step
     torch.testing.assert_close(flat(model), flat(ref_model), rtol=1e-6, atol=1e-7)
