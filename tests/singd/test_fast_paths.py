@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import singd.structures.toeplitz as toeplitz_module
 from singd.capture import (
     conv_input_gram,
     conv_input_square_sums,
@@ -89,7 +90,8 @@ def test_symmetric_gram_equals_the_full_product(width):
 
 
 @pytest.mark.parametrize("name", ["triltoeplitz", "triutoeplitz"])
-def test_toeplitz_preconditioning_by_row_ffts_matches_dense_products(name):
+def test_toeplitz_preconditioning_by_row_ffts_matches_dense_products(name, monkeypatch):
+    monkeypatch.setattr(toeplitz_module, "_DENSE_BELOW", 128)  # both factors by FFT
     torch.manual_seed(0)
     S = structure(name)
     K, C = S.eye(200, torch.float64), S.eye(150, torch.float64)
