@@ -309,6 +309,9 @@ def _apply_left(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
             return F.gram_left(X)
         if isinstance(F, Dense):
             return F.mat @ (F.mat.T @ X)
+        if isinstance(F, TriangularToeplitz):  # below the FFT sizes: one dense matrix
+            S = F.to_dense()
+            return S @ (S.T @ X)
         return F @ F.rmatmat(X)
     if P.kind == "dense":
         return P.value @ X
@@ -328,6 +331,9 @@ def _apply_right(F: StructuredMatrix, P: Gram | None, X: Tensor) -> Tensor:
             return F.gram_right(X)
         if isinstance(F, Dense):
             return (X @ F.mat) @ F.mat.T
+        if isinstance(F, TriangularToeplitz):  # below the FFT sizes: one dense matrix
+            S = F.to_dense()
+            return (X @ S) @ S.T
         return (F @ F.rmatmat(X.T)).T
     if P.kind == "dense":
         return X @ P.value
