@@ -39,13 +39,13 @@ def _lower_matrix(t: Tensor) -> Tensor:
     return q.as_strided((d, d), (1, 1)).flip(0)
 
 
-def _lower_diagonal_sums(M: Tensor, dtype: torch.dtype) -> Tensor:
-    """``D_k = sum_j M[j + k, j]`` in ``dtype``: below ``M`` copied into a zero ``(2d, d)``
-    buffer, the k-th diagonal is row k of the view with strides (d, d + 1)."""
+def _upper_diagonal_sums(M: Tensor, dtype: torch.dtype) -> Tensor:
+    """``D_k = sum_j M[j, j + k]`` in ``dtype``: with ``d`` zero columns appended to ``M``,
+    the k-th diagonal is row k of the view with strides (1, 2d + 1) (past the last column
+    it reads zeros)."""
     d = M.shape[0]
-    P = torch.zeros(2 * d, d, dtype=dtype, device=M.device)
-    P[:d] = M
-    return P.as_strided((d, d), (d, d + 1)).sum(1)
+    P = torch.nn.functional.pad(M.to(dtype), (0, d))
+    return P.as_strided((d, d), (1, 2 * d + 1)).sum(1)
 
 
 @lru_cache(maxsize=32)
@@ -123,8 +123,9 @@ class TriangularToeplitz(StructuredMatrix):
 
     @classmethod
     def _from_dense(cls, mat: Tensor) -> TriangularToeplitz:
-        side = mat if cls.lower else mat.T
-        return cls._project(_lower_diagonal_sums(side, _fft_dtype(mat.dtype)), mat.dtype)
+        # the lower diagonals of S's side of mat are the upper diagonals of its transpose
+        upper = mat.T if cls.lower else mat
+        return cls._project(_upper_diagonal_sums(upper, _fft_dtype(mat.dtype)), mat.dtype)
 
     # ------------------------------------------------------------------ helpers
     def _dense_lower(self) -> Tensor:
