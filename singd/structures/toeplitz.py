@@ -25,10 +25,11 @@ from torch import Tensor
 from singd.structures.base import Scalar, StructuredMatrix
 
 #: Sizes below which products and statistics use the dense ``d x d`` Toeplitz matrix.
-#: Measured, fp32, one thread (dense / FFT): ``from_inner`` of 128 columns d = 129 159 /
-#: 414 us, 257 502 / 721, 385 1060 / 735; products with 128 columns d = 257 228 / 399, 385
-#: 456 / 418; with 10 columns d = 257 153 / 185, 385 324 / 98.
-_DENSE_BELOW = 320
+#: Measured, fp32, one thread, in us (dense / FFT at the lengths of `_fft_size`):
+#: ``from_inner`` of 128 columns d = 129 192 / 383, 200 345 / 429, 256 579 / 437;
+#: products with 128 columns d = 200 139 / 238, 256 216 / 240, 300 286 / 325; with 10
+#: columns d = 129 47 / 79, 200 89 / 80, 256 133 / 75.
+_DENSE_BELOW = 224
 
 
 def _lower_matrix(t: Tensor) -> Tensor:
