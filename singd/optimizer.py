@@ -194,6 +194,9 @@ class _LayerState:
     gram_C: Gram | None = None
     acc_K: _Accumulator | None = None
     acc_C: _Accumulator | None = None
+    #: What :meth:`SINGD._follow` last checked: (weight dtype, weight device, the group's
+    #: preconditioner_dtype, K, C); while it is unchanged there is nothing to move.
+    followed: tuple | None = None
 
 
 class SINGD(Optimizer):
@@ -426,6 +429,17 @@ class SINGD(Optimizer):
     def _follow(self, st: _LayerState) -> None:
         """Move a layer's factors to its weight's device (and dtype, where not fixed)."""
         w = st.layer.weight
+        seen = st.followed
+        pdtype = st.group["preconditioner_dtype"]
+        if (
+            seen is not None
+            and seen[0] == w.dtype
+            and seen[1] == w.device
+            and seen[2] == pdtype
+            and seen[3] is st.K
+            and seen[4] is st.C
+        ):
+            return  # called several times per step: skip the dtype/device reads
         dk, dc = self._dtypes(st.layer, st.group)
         if st.K.device != w.device or st.K.dtype != dk:
             st.K = st.K.to(dtype=dk, device=w.device)
@@ -437,6 +451,7 @@ class SINGD(Optimizer):
             st.m_C = None if st.m_C is None else st.m_C.to(dtype=dc, device=w.device)
             st.gram_C = None if st.gram_C is None else gram(st.C, st.K.dim, st.group["T"])
             st.acc_C = None
+        st.followed = (w.dtype, w.device, pdtype, st.K, st.C)
 
     # ------------------------------------------------------------------ hooks
     def _sync_hooks(self) -> None:

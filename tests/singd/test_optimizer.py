@@ -410,6 +410,19 @@ def test_model_moved_to_another_dtype_after_construction_keeps_training():
     assert losses[-1] < losses[0]
 
 
+def test_preconditioner_dtype_changed_in_the_param_group_moves_the_factors():
+    model = mlp()
+    opt = SINGD(model, **FAST)
+    train(model, opt, 2)
+    opt.param_groups[0]["preconditioner_dtype"] = (torch.bfloat16, None)
+    fixed = batch(0)
+    losses = train(model, opt, 8, data=lambda t: fixed)
+    factors = opt.preconditioner_factors()["0"].factors
+    assert factors["K"].dtype == torch.bfloat16 and factors["C"].dtype == torch.float32
+    assert all(torch.isfinite(f.dense()).all() for f in factors.values())
+    assert losses[-1] < losses[0]
+
+
 def test_preconditioner_factors_and_state_bytes_follow_the_view_contract():
     model = mlp()
     opt = SINGD(model, structures=("diagonal", "dense"), **dict(FAST, T=2))
