@@ -87,7 +87,8 @@ class Layer:
         gw = self.weight.grad
         if gw is None:
             return None
-        gw = gw.reshape(self.out_dim, -1)
+        if gw.dim() != 2:
+            gw = gw.reshape(self.out_dim, -1)
         if self.bias is None:
             return gw.clone()
         gb = self.bias.grad
@@ -111,11 +112,13 @@ class Layer:
         return lefts, rights
 
     def split(self, mat: Tensor) -> list[Tensor]:
-        """Split a ``d_C x d_K`` matrix into tensors shaped like ``params()``."""
-        w = mat[:, : math.prod(self.weight.shape[1:])].reshape(self.weight.shape)
+        """Split a ``d_C x d_K`` matrix into tensors shaped like ``params()`` (views where
+        the strides allow: a Linear layer's are a slice and a column)."""
         if self.bias is None:
-            return [w]
-        return [w, mat[:, -1].reshape(self.bias.shape)]
+            return [mat if self.weight.dim() == 2 else mat.reshape(self.weight.shape)]
+        n = mat.shape[1] - 1
+        w = mat[:, :n] if self.weight.dim() == 2 else mat[:, :n].reshape(self.weight.shape)
+        return [w, mat[:, n]]
 
 
 @dataclass
