@@ -59,13 +59,21 @@ def _m_hat(
         m_K = H_K.mul_(half * scale_K).add_(KtK, alpha=damping * half).diag_add_(-half)
         m_C = H_C.mul_(half * scale_C).add_(CtC, alpha=damping * half).diag_add_(-half)
         return m_K, m_C
-    tr_HK, tr_HC = H_K.average_trace(), H_C.average_trace()
-    tr_KtK, tr_CtC = KtK.average_trace(), CtC.average_trace()
-    # 1/2 (avgtr(H_C) H_K + lambda avgtr(C^T C) Pi(K^T K) - I), scalars as 0-dim tensors
-    both = half * scale_K * scale_C
-    m_K = H_K.mul_(tr_HC * both).add_(KtK.mul_(tr_CtC * (damping * half))).diag_add_(-half)
-    m_C = H_C.mul_(tr_HK * both).add_(CtC.mul_(tr_KtK * (damping * half))).diag_add_(-half)
+    # 1/2 (avgtr(H_C) H_K + lambda avgtr(C^T C) Pi(K^T K) - I) and likewise for C: the four
+    # traces and their coefficients (avgtr = trace / dim) in two ops, no host sync
+    traces = torch.stack([H_C.trace(), CtC.trace(), H_K.trace(), KtK.trace()])
+    both, dh = half * scale_K * scale_C, damping * half
+    w = (both / C.dim, dh / C.dim, both / K.dim, dh / K.dim)
+    coef = traces.mul_(_constants(w, traces.dtype, traces.device))
+    m_K = H_K.mul_(coef[0]).add_(KtK.mul_(coef[1])).diag_add_(-half)
+    m_C = H_C.mul_(coef[2]).add_(CtC.mul_(coef[3])).diag_add_(-half)
     return m_K, m_C
+
+
+@functools.lru_cache(maxsize=256)  # one entry per set of scales, e.g. per loss scale
+def _constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 1-d tensor of ``values`` (shared: only ever read)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def riemannian_step(

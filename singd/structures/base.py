@@ -250,8 +250,8 @@ class StructuredMatrix(ABC):
         return maxes[0] if len(maxes) == 1 else torch.stack(maxes).max()
 
     @abstractmethod
-    def average_trace(self) -> Tensor:
-        """``trace(S) / dim`` as a 0-dim tensor."""
+    def trace(self) -> Tensor:
+        """``trace(S)`` (the sum of the diagonal) as a 0-dim tensor."""
 
     # ------------------------------------------------------------------ products
     @abstractmethod

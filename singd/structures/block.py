@@ -269,9 +269,8 @@ class BlockDiagonal(StructuredMatrix):
             diag.add_(mask, alpha=value)
         return self
 
-    def average_trace(self) -> Tensor:
-        data = self.data
-        return data.diagonal(dim1=1, dim2=2).sum().div_(_scalar(float(self.dim), data.dtype))
+    def trace(self) -> Tensor:
+        return self.data.diagonal(dim1=1, dim2=2).sum()
 
     def mul_(self, value: Scalar) -> BlockDiagonal:
         """In place ``self *= value`` for a scalar (Python number or 0-dim tensor)."""

@@ -43,8 +43,8 @@ class Dense(StructuredMatrix):
         self.mat.diagonal().add_(value)
         return self
 
-    def average_trace(self) -> Tensor:
-        return self.mat.diagonal().mean()
+    def trace(self) -> Tensor:
+        return self.mat.trace()
 
     def _matmul(self, other: Dense) -> Dense:
         return self._wrap(self.dim, self.mat @ other.mat)

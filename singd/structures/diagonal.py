@@ -46,8 +46,8 @@ class Diagonal(StructuredMatrix):
         self.diag.add_(value)
         return self
 
-    def average_trace(self) -> Tensor:
-        return self.diag.mean()
+    def trace(self) -> Tensor:
+        return self.diag.sum()
 
     def infinity_vector_norm(self) -> Tensor:
         return self.diag.abs().max()

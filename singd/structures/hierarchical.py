@@ -198,9 +198,9 @@ class Hierarchical(StructuredMatrix):
                 t.add_(value)
         return self
 
-    def average_trace(self) -> Tensor:
+    def trace(self) -> Tensor:
         parts = self._diagonals()  # dim entries in all
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).mean()
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).sum()
 
     def mul_(self, value: Scalar) -> Hierarchical:
         """In place ``self *= value`` for a scalar (one ``torch._foreach_mul_`` call)."""

@@ -168,8 +168,8 @@ class TriangularToeplitz(StructuredMatrix):
         self.t[0].add_(value)
         return self
 
-    def average_trace(self) -> Tensor:
-        return self.t[0].clone()
+    def trace(self) -> Tensor:
+        return self.t[0] * self.dim
 
     def infinity_vector_norm(self) -> Tensor:
         return self.t.abs().max()

@@ -186,8 +186,8 @@ class Triangular(StructuredMatrix):
         self.mat.diagonal().add_(value)
         return self
 
-    def average_trace(self) -> Tensor:
-        return self.mat.diagonal().mean()
+    def trace(self) -> Tensor:
+        return self.mat.trace()
 
     def _blocked(self, n: int | None = None, other: Tensor | None = None) -> bool:
         """Whether a product with this matrix (and ``other``, a dense operand of ``n``
