@@ -65,8 +65,8 @@ def _m_hat(
     both, dh = half * scale_K * scale_C, damping * half
     w = (both / C.dim, dh / C.dim, both / K.dim, dh / K.dim)
     coef = traces.mul_(_constants(w, traces.dtype, traces.device))
-    m_K = H_K.mul_(coef[0]).add_(KtK.mul_(coef[1])).diag_add_(-half)
-    m_C = H_C.mul_(coef[2]).add_(CtC.mul_(coef[3])).diag_add_(-half)
+    m_K = H_K.mul_(coef[0]).add_(KtK, alpha=coef[1]).diag_add_(-half)
+    m_C = H_C.mul_(coef[2]).add_(CtC, alpha=coef[3]).diag_add_(-half)
     return m_K, m_C
 
 

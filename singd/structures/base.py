@@ -222,9 +222,9 @@ class StructuredMatrix(ABC):
     def add_(self, other: StructuredMatrix, alpha: Scalar = 1.0) -> StructuredMatrix:
         """In place ``self += alpha * other`` (same structure and dim); returns ``self``."""
         self._check_same(other, "add_")
-        if isinstance(alpha, Tensor):  # torch's alpha= takes numbers only
+        if isinstance(alpha, Tensor):  # torch's alpha= takes numbers only: a += b * alpha
             for a, b in zip(self._tensors(), other._tensors()):
-                a.add_(b * alpha)
+                a.addcmul_(b, alpha)
         else:
             for a, b in zip(self._tensors(), other._tensors()):
                 a.add_(b, alpha=alpha)
