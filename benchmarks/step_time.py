@@ -1,6 +1,7 @@
 """Median time of one SINGD training step as a ratio to AdamW, measured side by side.
 
-One training step = zero_grad + forward + backward + step on a fixed batch of 128, float32.
+One training step = zero_grad + forward + backward + step on a fixed batch of 128 (the issue's
+workload; ``--batch`` changes it for checks), float32.
 Models: MLP 64-128-128-10 (ReLU) and CNN Conv(1->16,3x3,pad 1) ReLU Conv(16->32,3x3,
 stride 2,pad 1) ReLU Flatten Linear(512->10) on 1x8x8 inputs. All configurations of one
 model and thread count run interleaved in rounds (round-robin blocks of steps), so the
@@ -132,14 +133,14 @@ def matmul_rate(repeats: int = 30) -> float:
 
 
 def build(
-    model_name: str, config: dict | None, singd: type = SINGD
+    model_name: str, config: dict | None, singd: type = SINGD, batch: int = 128
 ) -> tuple[Callable[[], None], object]:
     """A closure running one training step, and its optimizer (AdamW for ``config=None``;
     ``singd``: the SINGD class to use, e.g. an earlier revision's in ``step_time_ab.py``)."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
-    X = torch.randn(128, 1, 8, 8)
-    y = torch.randint(0, 10, (128,))
+    X = torch.randn(batch, 1, 8, 8)
+    y = torch.randint(0, 10, (batch,))
     if config is None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
@@ -178,11 +179,13 @@ def cycle_times(times: list[float], period: int = 10) -> dict[str, float]:
     }
 
 
-def measure(model_name: str, steps: int, rounds: int, warmup: int) -> dict[str, dict]:
+def measure(
+    model_name: str, steps: int, rounds: int, warmup: int, batch: int = 128
+) -> dict[str, dict]:
     """Per config: median and mean step time (s), state bytes; configs interleaved."""
-    runs = {"AdamW": build(model_name, None)}
+    runs = {"AdamW": build(model_name, None, batch=batch)}
     for name, cfg in CONFIGS:
-        runs[name] = build(model_name, cfg)
+        runs[name] = build(model_name, cfg, batch=batch)
     for step, _ in runs.values():
         for _ in range(warmup):
             step()
@@ -215,6 +218,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="timed steps per config")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved blocks")
     parser.add_argument("--warmup", type=int, default=30, help="rounded up to whole T=10 cycles")
+    parser.add_argument("--batch", type=int, default=128, help="rows per step (issue: 128)")
     parser.add_argument("--write", help="replace the '## Optimizer step time' section here")
     args = parser.parse_args()
     args.warmup += (-args.warmup) % 10  # timed blocks start on an update step (phase 0)
@@ -223,11 +227,11 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         rate = matmul_rate()
-        results = {m: measure(m, args.steps, args.rounds, args.warmup) for m in MODELS}
+        results = {m: measure(m, args.steps, args.rounds, args.warmup, args.batch) for m in MODELS}
         flops = {}
         for m in MODELS:
             torch.manual_seed(0)
-            flops[m] = layer_flops(MODELS[m](), torch.randn(128, 1, 8, 8))
+            flops[m] = layer_flops(MODELS[m](), torch.randn(args.batch, 1, 8, 8))
         lines.append(
             f"**{threads} thread(s)**; fp32 512x512 matmul: {rate / 1e9:.1f} GFLOP/s; "
             f"AdamW step: MLP {results['MLP']['AdamW']['median'] * 1e3:.3f} ms, "
@@ -302,10 +306,12 @@ def main() -> None:
             lines.append("")
     header = (
         f"Command: `python benchmarks/step_time.py --threads {' '.join(map(str, args.threads))} "
-        f"--steps {args.steps} --rounds {args.rounds}` (torch {torch.__version__}, "
+        f"--steps {args.steps} --rounds {args.rounds}"
+        + (f" --batch {args.batch}" if args.batch != 128 else "")
+        + f"` (torch {torch.__version__}, "
         f"{platform.machine()}, "
         f"{os.cpu_count()} cores shared, load average {os.getloadavg()[0]:.1f} at the end, "
-        f"batch 128, float32, fixed batch; every config >= {args.steps} timed steps after "
+        f"batch {args.batch}, float32, fixed batch; every config >= {args.steps} timed steps after "
         f"{args.warmup} warm-up steps, all configs of a model interleaved in {args.rounds} "
         "rounds). Ratios: SINGD step time / AdamW step time in the same run (T=1 tril: / T=1 "
         "dense). Reference `singd` 0.0.5 at 1 thread (from the issue): T=1 dense 4.2x (MLP) / "
