@@ -60,7 +60,8 @@ def _m_hat(
         m_C = H_C.mul_(half * scale_C).add_(CtC, alpha=damping * half).diag_add_(-half)
         return m_K, m_C
     # 1/2 (avgtr(H_C) H_K + lambda avgtr(C^T C) Pi(K^T K) - I) and likewise for C: the four
-    # traces and their coefficients (avgtr = trace / dim) in two ops, no host sync
+    # coefficients (avgtr = trace / dim) from one stack of traces times cached weights, as
+    # 0-dim tensors (no host sync)
     traces = torch.stack([H_C.trace(), CtC.trace(), H_K.trace(), KtK.trace()])
     both, dh = half * scale_K * scale_C, damping * half
     w = (both / C.dim, dh / C.dim, both / K.dim, dh / K.dim)
