@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from singd.structures.base import symmetric_gram
+from singd.structures.base import cached_constant, symmetric_gram
 
 #: Valid values of ``kfac_approx``.
 KFAC_APPROXIMATIONS: tuple[str, ...] = ("expand", "reduce")
@@ -318,7 +318,7 @@ def conv_input_square_sums(module: nn.Conv2d, x: Tensor, dtype: torch.dtype) -> 
     sq = patches.sum(-1).reshape(G, -1).sum(0)
     rows = x.shape[0] * L * G
     if module.bias is not None:
-        sq = torch.cat([sq, _filled(float(rows), sq.dtype, sq.device)])
+        sq = torch.cat([sq, cached_constant((float(rows),), sq.dtype, sq.device)])
     return sq, rows
 
 
@@ -374,7 +374,7 @@ def input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple
     rows = x.shape[0]
     sq = (x * x).sum(0)
     if module.bias is not None:
-        sq = torch.cat([sq, _filled(float(rows), sq.dtype, sq.device)])
+        sq = torch.cat([sq, cached_constant((float(rows),), sq.dtype, sq.device)])
     return sq, rows
 
 
@@ -383,13 +383,6 @@ def _ones_column(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A shared ``(n, 1)`` column of ones, the bias column of the input rows (only ever
     read: ``torch.cat`` copies it)."""
     return torch.ones(n, 1, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _filled(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A shared one-element tensor holding ``value`` (only ever read: ``torch.cat`` copies
-    it), so that appending a bias column's count costs no allocation per call."""
-    return torch.full((1,), value, dtype=dtype, device=device)
 
 
 def grad_square_sums(module: nn.Module, grad_output: Tensor, dtype: torch.dtype) -> Tensor:

@@ -30,7 +30,7 @@ from singd.structures import (
     TriangularToeplitz,
 )
 from singd.structures import toeplitz as _toeplitz
-from singd.structures.base import symmetric_gram
+from singd.structures.base import cached_constant, symmetric_gram
 
 
 def _scaled(S: StructuredMatrix, factor: Tensor | float) -> StructuredMatrix:
@@ -65,16 +65,10 @@ def _m_hat(
     traces = torch.stack([H_C.trace(), CtC.trace(), H_K.trace(), KtK.trace()])
     both, dh = half * scale_K * scale_C, damping * half
     w = (both / C.dim, dh / C.dim, both / K.dim, dh / K.dim)
-    coef = traces.mul_(_constants(w, traces.dtype, traces.device))
+    coef = traces.mul_(cached_constant(w, traces.dtype, traces.device))
     m_K = H_K.mul_(coef[0]).add_(KtK, alpha=coef[1]).diag_add_(-half)
     m_C = H_C.mul_(coef[2]).add_(CtC, alpha=coef[3]).diag_add_(-half)
     return m_K, m_C
-
-
-@functools.lru_cache(maxsize=256)  # one entry per set of scales, e.g. per loss scale
-def _constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A 1-d tensor of ``values`` (shared: only ever read)."""
-    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def riemannian_step(

@@ -23,6 +23,7 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -368,6 +369,13 @@ def view_setter(field: str, storage: str) -> Callable[[StructuredMatrix, Tensor]
         parts[field] = value
 
     return setter
+
+
+@functools.lru_cache(maxsize=256)  # e.g. one entry per loss scale or row count
+def cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A shared 1-d tensor of ``values`` (only ever read), so that per-step constants cost no
+    allocation or Python-number wrapping."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 #: Result sizes from which :func:`symmetric_gram` splits into blocks (measured: 513 wide
