@@ -27,7 +27,7 @@ chromium:
 	  else echo "warning: chromium missing and cannot apt-get install it; browser tests will skip"; fi; }
 
 demo: setup
-	$(PY) -m diagnostics demo --out runs/demo
+	$(PY) -m experiments demo --out runs/demo
 
 test: setup chromium
 	$(PY) -m ruff check .

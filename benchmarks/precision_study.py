@@ -119,7 +119,7 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
     """Train one (workload, precision, variant, lr, seed) and return a flat result row."""
     import torch
 
-    from diagnostics.training import train
+    from experiments.training import train
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -528,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
 
-    from diagnostics.workloads import load_digits_data
+    from experiments.workloads import load_digits_data
 
     data = load_digits_data()
     t0 = time.time()

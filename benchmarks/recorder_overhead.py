@@ -53,7 +53,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diagnostics.recorder import Recorder
+from diagnostics.record.recorder import Recorder
 
 CONFIGS: dict[str, dict | None] = {
     "none": None,
@@ -89,7 +89,7 @@ def load_previous(rev: str) -> type:
             ["git", "show", f"{rev}:diagnostics/{name}.py"],
             cwd=root, check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
-        src = src.replace("from diagnostics import metrics as M", "import prev_metrics as M")
+        src = src.replace("from diagnostics.record import metrics as M", "import prev_metrics as M")
         (tmp / f"prev_{name}.py").write_text(src)
     sys.path.insert(0, str(tmp))
     return importlib.import_module("prev_recorder").Recorder
@@ -98,7 +98,7 @@ def load_previous(rev: str) -> type:
 def batches(batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` digits mini-batches (cycling through the training split)."""
     try:
-        from diagnostics.workloads import BatchLoader, load_digits_data
+        from experiments.workloads import BatchLoader, load_digits_data
 
         data = load_digits_data()
         x, y = data.x_train, data.y_train
@@ -272,7 +272,7 @@ def main() -> None:
     previous = load_previous(args.previous) if args.previous else None
     period = 10
     data = batches(128, 200)
-    from diagnostics.recorder import auto_workers
+    from diagnostics.record.recorder import auto_workers
 
     print(
         f"torch {torch.__version__}, {args.threads} torch thread(s), "

@@ -1,6 +1,11 @@
-"""Diagnostics for SINGD runs: recording, figures, dashboards and reports (see DESIGN.md §4)."""
+"""Diagnostics for training runs: recording (``diagnostics.record``), views (``diagnostics.views``).
 
-from diagnostics.figures import (
+See docs/architecture.md for the rooms and what each may import.
+"""
+
+from diagnostics.record.recorder import Recorder
+from diagnostics.record.recording import Recording
+from diagnostics.views.figures import (
     all_figures,
     condition_figure,
     curves_figure,
@@ -9,16 +14,12 @@ from diagnostics.figures import (
     save_figure,
     spectrum_figure,
 )
-from diagnostics.recorder import Recorder
-from diagnostics.recording import Recording
-from diagnostics.report import report, summary_table
-from diagnostics.training import TrainResult, train
+from diagnostics.views.report import report, summary_table
 
 __all__ = [
     "Dashboard",
     "Recorder",
     "Recording",
-    "TrainResult",
     "all_figures",
     "condition_figure",
     "curves_figure",
@@ -29,14 +30,13 @@ __all__ = [
     "save_figure",
     "spectrum_figure",
     "summary_table",
-    "train",
 ]
 
 
 def __getattr__(name: str):
     """Import the dashboard lazily: ipywidgets is an optional (notebooks) dependency."""
     if name in ("dashboard", "Dashboard"):
-        from diagnostics import widgets
+        from diagnostics.views import dashboard as widgets
 
         return getattr(widgets, name)
     raise AttributeError(f"module 'diagnostics' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diagnostics.workloads import BatchLoader, build_model, load_digits_data
+from experiments.workloads import BatchLoader, build_model, load_digits_data
 from singd import SINGD
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from diagnostics import Recording
-from diagnostics.figures import save_figure, spectrum_figure
-from diagnostics.recording import frame_from_rows
+from diagnostics.record.recording import frame_from_rows
+from diagnostics.views.figures import save_figure, spectrum_figure
 
 pytestmark = pytest.mark.browser
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from diagnostics.report import report
-from diagnostics.training import train
+from diagnostics.views.report import report
+from experiments.training import train
 
 pytestmark = pytest.mark.browser
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from diagnostics.recording import Recording, frame_from_rows
-from diagnostics.report import report
+from diagnostics.record.recording import Recording, frame_from_rows
+from diagnostics.views.report import report
 
 pytestmark = pytest.mark.browser
 

@@ -1,4 +1,4 @@
-"""Tests of diagnostics.figures: the expected traces, controls and file formats."""
+"""Tests of diagnostics.views.figures: the expected traces, controls and file formats."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 import pytest
 
 from diagnostics import Recording
-from diagnostics.figures import (
+from diagnostics.record.recording import frame_from_rows
+from diagnostics.views.figures import (
     all_figures,
     as_recordings,
     condition_figure,
@@ -19,7 +20,6 @@ from diagnostics.figures import (
     save_figure,
     spectrum_figure,
 )
-from diagnostics.recording import frame_from_rows
 
 
 def _rec(name: str, *, events: bool = True, cond_scale: float = 1.0) -> Recording:
@@ -213,7 +213,7 @@ def test_dashboard_fits_a_1400_px_jupyterlab_without_cutting_off_figures():
     import ipywidgets as widgets
 
     from diagnostics import dashboard
-    from diagnostics.widgets import FIGURE_WIDTH
+    from diagnostics.views.dashboard import FIGURE_WIDTH
 
     d = dashboard(_rec("a"))
     figs = [d.spectrum, d.condition, d.curves, d.events, d.memory]
@@ -282,8 +282,8 @@ def test_live_dashboard_needs_a_recorder():
 
 
 def test_spectrum_figure_stores_values_rounded_to_what_it_can_show():
-    from diagnostics.figures import spectrum_figure
-    from diagnostics.recording import Recording, frame_from_rows
+    from diagnostics.record.recording import Recording, frame_from_rows
+    from diagnostics.views.figures import spectrum_figure
 
     rows = [
         {"step": s, "layer": "0", "factor": "K", "index": i, "value": (i + 1) / 3 * 10.0**-i}

@@ -1,4 +1,4 @@
-"""Unit tests of diagnostics.metrics against hand-computed values."""
+"""Unit tests of diagnostics.record.metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diagnostics import metrics as M
+from diagnostics.record import metrics as M
 from singd.views import FactorView
 
 

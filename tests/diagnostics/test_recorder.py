@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagnostics import Recorder
-from diagnostics import metrics as M
-from diagnostics.recorder import make_schedule
+from diagnostics.record import metrics as M
+from diagnostics.record.recorder import make_schedule
 from singd.views import FactorView, LayerFactors
 
 
@@ -472,7 +472,7 @@ def test_singd_spectrum_equals_squared_singular_values_of_k():
     expected = (torch.linalg.svdvals(k) ** 2).tolist()
     r = rec.recording
     got = r.spectra[(r.spectra.step == 1) & (r.spectra.layer == "2") & (r.spectra.factor == "K")]
-    # float32 factors are decomposed in float32 where well conditioned (see diagnostics.metrics)
+    # float32 factors are decomposed in float32 where well conditioned (diagnostics.record.metrics)
     cond = expected[0] / expected[-1]
     assert cond < M.FLOAT32_MAX_COND
     assert got["value"].tolist() == pytest.approx(expected, rel=1e-6 * cond, abs=1e-12)
@@ -505,8 +505,8 @@ def test_steps_without_a_loss_record_nan_and_raise_no_event():
 
 
 def test_record_error_writes_an_event_that_says_why_the_run_stopped(tmp_path):
-    from diagnostics.figures import events_figure
-    from diagnostics.recording import Recording
+    from diagnostics.record.recording import Recording
+    from diagnostics.views.figures import events_figure
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -534,7 +534,7 @@ def test_record_error_writes_an_event_that_says_why_the_run_stopped(tmp_path):
 
 
 def test_train_records_the_kfac_inverse_failure_as_an_error_event():
-    from diagnostics.training import train
+    from experiments.training import train
 
     options = {"factor_dtype": "bfloat16", "on_inverse_failure": "raise"}
     result = train("mlp", "kfac", steps=5, optimizer_options=options, record=True, progress=False)
@@ -548,7 +548,7 @@ def test_train_records_the_kfac_inverse_failure_as_an_error_event():
 
 
 def test_auto_workers_uses_a_thread_only_when_a_cpu_is_free(monkeypatch):
-    from diagnostics import recorder as R
+    from diagnostics.record import recorder as R
 
     monkeypatch.setattr(R.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(R.torch, "get_num_threads", lambda: 1)

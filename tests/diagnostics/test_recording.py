@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from diagnostics import Recording
-from diagnostics.recording import COLUMNS, empty_frame, frame_from_rows
+from diagnostics.record.recording import COLUMNS, empty_frame, frame_from_rows
 
 
 def _sample() -> Recording:

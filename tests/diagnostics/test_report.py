@@ -1,4 +1,4 @@
-"""Tests of diagnostics.report: one self-contained HTML file, offline, with a summary table."""
+"""Tests of diagnostics.views.report: one self-contained offline HTML file with a summary table."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 from diagnostics import Recording
-from diagnostics.recording import frame_from_rows
-from diagnostics.report import report, summary_table
+from diagnostics.record.recording import frame_from_rows
+from diagnostics.views.report import report, summary_table
 
 
 def _rec(name: str, final_loss: float, events: int = 0) -> Recording:

@@ -13,8 +13,8 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 def _execute(name: str, out: Path, **parameters: Any) -> None:
     """Run ``notebooks/<name>`` into ``out`` with ``parameters`` and ``out_dir=out``, as a
-    sweep would (`diagnostics.sweep.execute_notebook`)."""
-    from diagnostics.sweep import execute_notebook
+    sweep would (`experiments.sweep.execute_notebook`)."""
+    from experiments.sweep import execute_notebook
 
     out.mkdir(parents=True, exist_ok=True)
     execute_notebook(

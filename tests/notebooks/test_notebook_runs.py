@@ -49,11 +49,11 @@ def test_structures_notebook_rejects_an_unknown_structure_listing_forms(failing_
 
 
 def test_demo_runs_notebook_03_and_prints_paths_and_summary(tmp_path, capsys):
-    """`python -m diagnostics demo` (what `make demo` runs) with small non-default parameters."""
+    """`python -m experiments demo` (what `make demo` runs) with small non-default parameters."""
     import json
 
     from diagnostics import Recording
-    from diagnostics.__main__ import main
+    from experiments.__main__ import main
 
     params = {"optimizers": '["kfac", "singd"]', "structures": '["diagonal", "dense"]',
               "steps": "12", "record_every": "4", "min_accuracy": "0.0", "seed": "1"}  # fmt: skip
@@ -90,7 +90,7 @@ def test_half_precision_notebook_rejects_float8_naming_dtype_and_valid_values(
 def test_sweep_of_half_precision_notebook_reports_bad_combination_and_feeds_notebook_04(
     run_notebook, notebooks_dir, tmp_path
 ):
-    from diagnostics.sweep import run_sweep
+    from experiments.sweep import run_sweep
 
     sweep = tmp_path / "sweep"
     grid = {

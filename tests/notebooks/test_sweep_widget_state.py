@@ -8,8 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from diagnostics.__main__ import main
-from diagnostics.sweep import NOTEBOOK_FILE, run_sweep, strip_widget_state
+from experiments.__main__ import main
+from experiments.sweep import NOTEBOOK_FILE, run_sweep, strip_widget_state
 
 WIDGET_BODY = """\
 import ipywidgets

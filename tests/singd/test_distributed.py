@@ -342,7 +342,7 @@ def test_torchrun_example_trains_like_one_process_and_rank0_checkpoint_loads(tmp
     [(loss2, acc2)], [(loss1, acc1)] = re.findall(pattern, two), re.findall(pattern, one)
     assert abs(float(loss2) - float(loss1)) <= 2e-4 and abs(float(acc2) - float(acc1)) <= 2e-3
     saved = torch.load(ckpt, weights_only=True)
-    from diagnostics.workloads import build_model
+    from experiments.workloads import build_model
 
     model = build_model("mlp")
     model.load_state_dict(saved["model"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from diagnostics.workloads import (
+from experiments.workloads import (
     WORKLOADS,
     BatchLoader,
     TinyViT,

@@ -18,8 +18,8 @@ import pandas as pd
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from diagnostics.figures import _human_bytes, all_figures, as_recordings
-from diagnostics.recording import Recording, atomic_file
+from diagnostics.record.recording import Recording, atomic_file
+from diagnostics.views.figures import _human_bytes, all_figures, as_recordings
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em;

@@ -39,7 +39,7 @@ What it costs, by step kind:
   block-diagonal: per block; others dense) and batched by `metrics.parts_spectra` (all
   square blocks of one size, across layers, in one product and one ``eigvalsh``; float32
   first for float32 and 16-bit factors, float64 again for a factor whose float32
-  condition number exceeds `metrics.FLOAT32_MAX_COND` = 1e4, see `diagnostics.metrics`).
+  condition number exceeds `metrics.FLOAT32_MAX_COND` = 1e4, see `diagnostics.record.metrics`).
   A factor unchanged since its last decomposition (same objects, same version counters;
   SINGD changes K and C only every T steps) is not decomposed again: its spectrum is
   recorded again for the new step. On the digits MLP (six dense factors of size 10 to
@@ -89,8 +89,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diagnostics import metrics as M
-from diagnostics.recording import COLUMNS, PHASES, Recording, frame_from_rows
+from diagnostics.record import metrics as M
+from diagnostics.record.recording import COLUMNS, PHASES, Recording, frame_from_rows
 
 Schedule = int | Iterable[int] | Callable[[int], bool]
 Listener = Callable[["Recorder", int], None]

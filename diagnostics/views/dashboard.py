@@ -16,9 +16,9 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from diagnostics.figures import PALETTE, as_recordings, events_figure, memory_figure
-from diagnostics.recorder import Recorder
-from diagnostics.recording import Recording
+from diagnostics.record.recorder import Recorder
+from diagnostics.record.recording import Recording
+from diagnostics.views.figures import PALETTE, as_recordings, events_figure, memory_figure
 
 _NONE = "(none)"
 #: Width of each figure in pixels: two of them side by side (1230 px with gaps) fit the

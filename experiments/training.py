@@ -2,7 +2,7 @@
 
 Example::
 
-    from diagnostics.training import train
+    from experiments.training import train
 
     result = train("mlp", "singd", lr=1e-2, precision="bf16-pure", epochs=5,
                    optimizer_options={"structures": ("diagonal", "diagonal")})
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diagnostics import metrics as M
-from diagnostics.workloads import WORKLOADS, BatchLoader, DigitsData, build_model, load_digits_data
+from diagnostics.record import metrics as M
+from experiments.workloads import WORKLOADS, BatchLoader, DigitsData, build_model, load_digits_data
 
 #: Optimizer names accepted by :func:`train`.
 OPTIMIZERS = ("adamw", "sgd", "kfac", "singd", "ikfac")
@@ -81,7 +81,7 @@ class TrainResult:
     ``optimizer_state_bytes`` is the total of
     ``optimizer.state_bytes()`` for SINGD/KFAC and of all state tensors otherwise, with
     its per-component breakdown in ``state_bytes``. ``recording`` is the
-    ``diagnostics.recorder`` Recording when ``record=True``, else ``None``.
+    ``diagnostics.record.recorder`` Recording when ``record=True``, else ``None``.
     """
 
     workload: str
@@ -279,7 +279,7 @@ def train(
     """Train a workload on the digits train split and report metrics on train/val/test.
 
     Args:
-        workload: a name from ``diagnostics.workloads.WORKLOADS`` ("mlp", "cnn", "vit",
+        workload: a name from ``experiments.workloads.WORKLOADS`` ("mlp", "cnn", "vit",
             "vit-mha", "vit-linear") or your own ``nn.Module`` taking (N, 1, 8, 8) images.
         optimizer: "adamw", "sgd" (momentum 0.9 unless given), "kfac" (``singd.KFAC``),
             "singd" (``singd.SINGD``) or "ikfac" (``SINGD(kfac_like=True, alpha1=0)``).
@@ -303,7 +303,7 @@ def train(
             "adamw": a separate ``torch.optim.AdamW`` with the same ``lr`` (torch defaults
             otherwise), stepped right after the main optimizer; its state is counted in
             ``state_bytes["adamw_fallback"]`` and it is ``result.fallback_optimizer``.
-        record: attach a ``diagnostics.recorder.Recorder`` (every ``record_every`` steps);
+        record: attach a ``diagnostics.record.recorder.Recorder`` (every ``record_every`` steps);
             the Recording comes back as ``result.recording``.
         progress: show a tqdm progress bar.
         on_nan: what a non-finite loss does. "stop" (default): the event is recorded and
@@ -380,7 +380,7 @@ def train(
 
     recorder = None
     if record:
-        from diagnostics.recorder import Recorder
+        from diagnostics.record.recorder import Recorder
 
         config = {
             "workload": name,

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from diagnostics.recording import PHASES, Recording
+from diagnostics.record.recording import PHASES, Recording
 
 PALETTE = qualitative.Plotly
 PHASE_STYLE = {

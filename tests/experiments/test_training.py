@@ -1,11 +1,11 @@
-"""Tests for the shared training function ``diagnostics.training.train``."""
+"""Tests for the shared training function ``experiments.training.train``."""
 
 import math
 
 import pytest
 import torch
 
-from diagnostics.training import OPTIMIZERS, PRECISIONS, LinearWarmup, train
+from experiments.training import OPTIMIZERS, PRECISIONS, LinearWarmup, train
 
 
 def test_adamw_learns_digits_mlp_well_above_chance():

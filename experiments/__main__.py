@@ -1,4 +1,4 @@
-"""Command line: ``python -m diagnostics sweep ...`` and ``python -m diagnostics demo ...``."""
+"""Command line: ``python -m experiments sweep ...`` and ``python -m experiments demo ...``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diagnostics.sweep import RESULTS_FILE, parse_value, run_sweep
+from experiments.sweep import RESULTS_FILE, parse_value, run_sweep
 
 DEMO_NOTEBOOK = "03_half_precision_stability.ipynb"
 
@@ -108,7 +108,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Execute notebook 03 with its defaults into ``--out``; print paths and a summary."""
     from papermill.exceptions import PapermillExecutionError
 
-    from diagnostics.sweep import execute_notebook
+    from experiments.sweep import execute_notebook
 
     notebook = Path(args.notebook) if args.notebook else _notebooks_dir() / DEMO_NOTEBOOK
     if not notebook.is_file():
@@ -150,8 +150,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m diagnostics``."""
-    parser = argparse.ArgumentParser(prog="python -m diagnostics", description=__doc__)
+    """Entry point of ``python -m experiments``."""
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     sw = sub.add_parser(

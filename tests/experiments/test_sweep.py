@@ -10,8 +10,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from diagnostics.__main__ import main
-from diagnostics.sweep import combinations, load_sweep, parse_value, run_id, run_sweep
+from experiments.__main__ import main
+from experiments.sweep import combinations, load_sweep, parse_value, run_id, run_sweep
 
 TINY_PARAMETERS = """\
 x: int = 1  # a number the notebook doubles

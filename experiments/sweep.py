@@ -283,7 +283,7 @@ def _metric_figure(runs: pd.DataFrame, names: list[str], metrics: list[str]):
 def write_report(summary: pd.DataFrame, runs: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Write a self-contained HTML report: summary table, metric and recording figures."""
     from diagnostics import curves_figure, events_figure, memory_figure
-    from diagnostics.recording import Recording
+    from diagnostics.record.recording import Recording
 
     path = Path(path)
     parts = [

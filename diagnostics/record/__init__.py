@@ -1,0 +1,1 @@
+"""Instrumentation: the recorder, the quantities it computes, and the Recording file."""

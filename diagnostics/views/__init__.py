@@ -1,0 +1,1 @@
+"""Views of recordings: plotly figures, the ipywidgets dashboard and the offline HTML report."""
