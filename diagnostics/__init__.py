@@ -15,11 +15,13 @@ from diagnostics.views.figures import (
     spectrum_figure,
 )
 from diagnostics.views.report import report, summary_table
+from diagnostics.views.summary import RunSummary, run_status, run_summary
 
 __all__ = [
     "Dashboard",
     "Recorder",
     "Recording",
+    "RunSummary",
     "all_figures",
     "condition_figure",
     "curves_figure",
@@ -27,6 +29,8 @@ __all__ = [
     "events_figure",
     "memory_figure",
     "report",
+    "run_status",
+    "run_summary",
     "save_figure",
     "spectrum_figure",
     "summary_table",

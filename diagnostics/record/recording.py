@@ -206,32 +206,10 @@ class Recording:
         return mem[mem["step"] == s].reset_index(drop=True)
 
     def summary_row(self) -> dict[str, Any]:
-        """Summary numbers of this run (for tables comparing runs)."""
-        st = self.steps
-        losses = st["loss"].dropna()
-        times = st["step_time_s"].dropna()
-        sb = self.state_bytes()
-        row: dict[str, Any] = {
-            "run": self.name,
-            "steps": int(len(st)),
-            "final_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
-            "min_loss": float(losses.min()) if len(losses) else math.nan,
-            "nan_inf_events": int((self.events["message"] == "").sum())
-            if "message" in self.events
-            else int(len(self.events)),
-            "skipped_steps": int(st["skipped"].sum()),
-            "optimizer_state_bytes": int(sb["bytes"].sum()) if len(sb) else 0,
-            "peak_memory_bytes": self.peak_memory_bytes(),
-            "time_per_step_s": float(times.median()) if len(times) else math.nan,
-        }
-        for col in st.columns:  # logged accuracy-like columns: their last value
-            if col not in COLUMNS["steps"] and "acc" in col.lower():
-                vals = st[col].dropna()
-                row[f"final_{col}"] = float(vals.iloc[-1]) if len(vals) else math.nan
-        for key, value in self.summary.items():
-            if isinstance(value, (int, float, str, bool)) or value is None:
-                row.setdefault(key, value)
-        return row
+        """Summary numbers of this run (for tables comparing runs): ``run_summary(self).row()``."""
+        from diagnostics.views.summary import run_summary  # the one summary rule lives there
+
+        return run_summary(self).row()
 
     # ------------------------------------------------------------------ file format
     def save(self, path: str | os.PathLike) -> Path:

@@ -89,8 +89,8 @@ def _finite(values: Iterable[float]) -> list[float | None]:
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def _human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
+def human_bytes(n: float) -> str:
+    """A byte count with a binary unit: 1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -327,12 +327,12 @@ def memory_figure(recordings: Any, *, step: int | None = None) -> go.Figure:
                 y=ys,
                 name=comp,
                 marker_color=PALETTE[ci % len(PALETTE)],
-                customdata=[_human_bytes(v) for v in ys],
+                customdata=[human_bytes(v) for v in ys],
                 hovertemplate=f"{comp}<br>%{{x}}<br>%{{customdata}} (%{{y}} B)<extra></extra>",
             )
         )
     totals = df.groupby("run", sort=False)["bytes"].sum()
-    sub = " · ".join(f"{k}: {_human_bytes(v)}" for k, v in totals.items())
+    sub = " · ".join(f"{k}: {human_bytes(v)}" for k, v in totals.items())
     fig.update_layout(
         barmode="stack",
         title={"text": f"Optimizer state by layer and component<br><sup>{sub}</sup>"},

@@ -125,3 +125,51 @@ def test_report_figures_are_responsive_and_fill_the_page_width(tmp_path):
     assert "max-width: 1200px" not in text
     divs = re.findall(r'<div class="figure">\s*<div style="height:\d+px; width:100%;">', text)
     assert len(divs) == 5
+
+
+# ---------------------------------------------------------------------------- RunSummary
+
+
+def test_run_status_ranks_error_over_divergence_over_stopping_early():
+    from diagnostics import run_status
+
+    assert run_status() == "ok"
+    assert run_status(stopped_early=True) == "stopped early"
+    assert run_status(diverged=True, stopped_early=True) == "diverged"
+    assert run_status(error="KFACInverseError: x", diverged=True) == "failed"
+    assert run_status(error="boom", status="custom") == "custom"
+
+
+def test_run_summary_takes_numbers_from_frames_and_status_from_the_summary():
+    from diagnostics import RunSummary, run_summary
+
+    rec = _rec("d", 0.5, events=2)
+    rec.summary.update(diverged=True, stopped_early=True, final_loss=99.0)
+    s = run_summary(rec)
+    assert isinstance(s, RunSummary)
+    assert (s.run, s.steps, s.nan_inf_events) == ("d", 4, 2)
+    assert s.final_loss == pytest.approx(0.5)  # the frames win over summary["final_loss"]
+    assert s.status == "diverged" and s.why == ""
+    assert s.peak_memory_bytes == 3 * 2**20 and s.optimizer_state_bytes == 4096
+    assert s.extra["test_accuracy"] == pytest.approx(0.55)
+
+
+def test_run_summary_is_what_recording_summary_row_and_summary_table_show():
+    from diagnostics import run_summary
+
+    failed = _rec("broken", 2.0)
+    failed.summary["error"] = "KFACInverseError: singular"
+    s = run_summary(failed)
+    assert failed.summary_row() == s.row()
+    assert "status" not in s.row()
+    row = summary_table([failed]).iloc[0]
+    assert (row["status"], row["why"]) == (s.status, s.why)
+    assert s.status == "failed"
+    assert s.why.startswith("KFACInverseError")
+
+
+def test_run_summary_refuses_what_is_not_a_recording():
+    from diagnostics import run_summary
+
+    with pytest.raises(TypeError, match="Recording"):
+        run_summary({"loss": 1.0})
