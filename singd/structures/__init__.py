@@ -12,12 +12,14 @@ import re
 from functools import cache
 
 from singd.structures.base import StructuredMatrix
-from singd.structures.block import BlockDiagonal, block_diagonal_class
+from singd.structures.blockdiagonal import BlockDiagonal, block_diagonal_class
 from singd.structures.dense import Dense
 from singd.structures.diagonal import Diagonal
 from singd.structures.hierarchical import Hierarchical, hierarchical_class
-from singd.structures.toeplitz import TriangularToeplitz, TrilToeplitz, TriuToeplitz
+from singd.structures.toeplitz import TriangularToeplitz
 from singd.structures.triangular import Triangular, Tril, Triu
+from singd.structures.triltoeplitz import TrilToeplitz
+from singd.structures.triutoeplitz import TriuToeplitz
 
 __all__ = [
     "FORMS",

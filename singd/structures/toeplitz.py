@@ -1,4 +1,4 @@
-"""Triangular Toeplitz structures ``triltoeplitz`` and ``triutoeplitz``: one value per diagonal.
+"""The shared base of the triangular Toeplitz structures (``triltoeplitz``, ``triutoeplitz``).
 
 A lower triangular Toeplitz matrix has ``S[i, j] = t[i - j]`` for ``i >= j`` (zero above);
 the upper one ``S[i, j] = t[j - i]`` for ``j >= i``. Both are stored as the coefficient
@@ -174,6 +174,11 @@ class TriangularToeplitz(StructuredMatrix):
     def infinity_vector_norm(self) -> Tensor:
         return self.t.abs().max()
 
+    def frobenius_norm(self) -> Tensor:
+        # t[k] appears on d - k entries
+        counts = _pi_counts(self.dim, self.t.dtype, self.t.device)
+        return (self.t.square() * counts).sum().sqrt()
+
     def _matmul(self, other: TriangularToeplitz) -> TriangularToeplitz:
         # Coefficients of the product: first d terms of the convolution t * t'.
         # (Upper: S_u(t) = J S_l(t) J, so the same formula holds.)
@@ -219,17 +224,3 @@ class TriangularToeplitz(StructuredMatrix):
         n = _fft_size(d)
         corr = torch.fft.rfft(t, n).conj() * torch.fft.rfft(u, n)
         return self._project(torch.fft.irfft(corr, n)[:d], self.dtype)
-
-
-class TrilToeplitz(TriangularToeplitz):
-    """Lower triangular Toeplitz: ``S[i, j] = t[i - j]`` for ``i >= j``."""
-
-    name = "triltoeplitz"
-    lower = True
-
-
-class TriuToeplitz(TriangularToeplitz):
-    """Upper triangular Toeplitz: ``S[i, j] = t[j - i]`` for ``j >= i``."""
-
-    name = "triutoeplitz"
-    lower = False

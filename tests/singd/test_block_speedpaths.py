@@ -1,5 +1,5 @@
-"""The speed paths of ``block{N}diagonal`` (``singd.structures.block``): the zero-padded
-storage, the row and column forms of dense products, and instances wrapped from separate
+"""The speed paths of ``block{N}diagonal`` (``singd.structures.blockdiagonal``): the
+zero-padded storage, the row and column forms of dense products, and instances wrapped from separate
 parts (how ``update.gram`` builds block Grams) agree with dense algebra."""
 
 from __future__ import annotations
