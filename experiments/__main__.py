@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diagnostics import run_status
 from experiments.sweep import RESULTS_FILE, parse_value, run_sweep
 
 DEMO_NOTEBOOK = "03_half_precision_stability.ipynb"
@@ -76,6 +77,15 @@ _SUMMARY_COLUMNS = (
 )
 
 
+#: How the demo summary words each run status (`diagnostics.run_status`).
+_STATUS_WORDS = {
+    "ok": "finite",
+    "stopped early": "finite",
+    "diverged": "diverged",
+    "failed": "gave up",
+}
+
+
 def _cell(value: Any, fmt: str, key: str) -> str:
     """One formatted table cell ('-' for missing or non-finite values)."""
     if value is None or (isinstance(value, float) and value != value):
@@ -98,8 +108,8 @@ def _print_summary(results: dict[str, Any]) -> None:
     print("run".ljust(width) + "".join(h.rjust(11) for _, h, _ in _SUMMARY_COLUMNS) + "  status")
     for r in runs:
         cells = "".join(_cell(r.get(k), f, k).rjust(11) for k, _, f in _SUMMARY_COLUMNS)
-        status = "gave up" if r.get("error") else "diverged" if r.get("diverged") else "finite"
-        print(str(r.get("label", "")).ljust(width) + cells + "  " + status)
+        status = run_status(error=r.get("error"), diverged=r.get("diverged"))
+        print(str(r.get("label", "")).ljust(width) + cells + "  " + _STATUS_WORDS[status])
     for line in results.get("findings", []):
         print(textwrap.fill(line, width=100, initial_indent="- ", subsequent_indent="  "))
 

@@ -33,6 +33,9 @@ from typing import Any
 
 import pandas as pd
 
+from diagnostics import run_status
+from diagnostics.record.recording import atomic_file
+
 #: The file a notebook may write into its ``out_dir`` for the sweep to read.
 RESULTS_FILE = "results.json"
 #: The per-combination status file the sweep writes.
@@ -167,13 +170,13 @@ def _execute(
             execution_timeout=timeout,
         )
     except PapermillExecutionError as exc:
-        record["status"] = "failed"
         record["error"] = f"{exc.ename}: {exc.evalue}"
     except Exception as exc:  # a kernel death or timeout must not stop the sweep
-        record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".strip()
+    record["status"] = run_status(error=record["error"])  # "ok" or "failed"
     record["seconds"] = round(time.perf_counter() - start, 3)
-    (folder / RUN_FILE).write_text(json.dumps(record, indent=1, default=str))
+    with atomic_file(folder / RUN_FILE, "w") as f:  # a crash never leaves half a run.json
+        f.write(json.dumps(record, indent=1, default=str))
     return record
 
 
@@ -282,46 +285,17 @@ def _metric_figure(runs: pd.DataFrame, names: list[str], metrics: list[str]):
 
 def write_report(summary: pd.DataFrame, runs: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Write a self-contained HTML report: summary table, metric and recording figures."""
-    from diagnostics import curves_figure, events_figure, memory_figure
-    from diagnostics.record.recording import Recording
+    from diagnostics.views.page import figure_html, heading, html_page, table_html, write_html
 
     path = Path(path)
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;"
-        "font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
     n_failed = int((summary["status"] != "ok").sum()) if len(summary) else 0
-    parts.append(f"<p>{len(summary)} combinations, {n_failed} failed.</p>")
     shown = summary.drop(columns=["notebook"], errors="ignore").map(_json_cell)
-    table = shown.to_html(index=False, na_rep="", escape=True, float_format=lambda v: f"{v:.4g}")
-    parts.append(table)
-
-    figures: list[tuple[str, Any]] = []
-    if len(runs):
-        names = _run_names(summary, runs)
-        skip = set(summary.columns) | {"label", "recording"}
-        metrics = [
-            c for c in runs.columns if c not in skip and pd.api.types.is_numeric_dtype(runs[c])
-        ]
-        if metrics:
-            figures.append(("Metrics per run", _metric_figure(runs, names, metrics)))
-        recordings = {}
-        for name, file in zip(names, runs.get("recording", pd.Series([None] * len(runs)))):
-            if isinstance(file, str) and Path(file).is_file():
-                try:
-                    recordings[name] = Recording.load(file)
-                except ValueError:
-                    continue  # a damaged recording is left out of the figures, not fatal
-        if recordings:
-            figures.append(("Training curves", curves_figure(recordings, log_loss=True)))
-            figures.append(("NaN/Inf events", events_figure(recordings)))
-            figures.append(("Optimizer memory", memory_figure(recordings)))
-    for i, (heading, fig) in enumerate(figures):
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0))
+    body = [
+        f"<p>{len(summary)} combinations, {n_failed} failed.</p>",
+        table_html(shown, text_columns=("error",), na_rep=""),
+    ]
+    for i, (title_, fig) in enumerate(_report_figures(summary, runs)):
+        body += [heading(title_), figure_html(fig, f"fig-{i}")]
     links = []
     for _, row in summary.iterrows():
         run_html = Path(row["notebook"]).parent / "report.html"
@@ -331,12 +305,35 @@ def write_report(summary: pd.DataFrame, runs: pd.DataFrame, path: str | Path, ti
                 f"<li><a href='{html.escape(str(rel))}'>{html.escape(row['run'])}</a></li>"
             )
     if links:
-        parts.append("<h2>Reports of the single runs</h2><ul>" + "".join(links) + "</ul>")
-    parts.append("</body></html>")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+        body.append(heading("Reports of the single runs") + "<ul>" + "".join(links) + "</ul>")
+    return write_html(html_page(title, body), path)
+
+
+def _report_figures(summary: pd.DataFrame, runs: pd.DataFrame) -> list[tuple[str, Any]]:
+    """(heading, figure) pairs of the sweep report: a metric per inner run, then the loss
+    curves, NaN/Inf events and memory of the recordings the runs kept."""
+    from diagnostics import Recording, curves_figure, events_figure, memory_figure
+
+    figures: list[tuple[str, Any]] = []
+    if not len(runs):
+        return figures
+    names = _run_names(summary, runs)
+    skip = set(summary.columns) | {"label", "recording"}
+    metrics = [c for c in runs.columns if c not in skip and pd.api.types.is_numeric_dtype(runs[c])]
+    if metrics:
+        figures.append(("Metrics per run", _metric_figure(runs, names, metrics)))
+    recordings = {}
+    for name, file in zip(names, runs.get("recording", pd.Series([None] * len(runs)))):
+        if isinstance(file, str) and Path(file).is_file():
+            try:
+                recordings[name] = Recording.load(file)
+            except ValueError:
+                continue  # a damaged recording is left out of the figures, not fatal
+    if recordings:
+        figures.append(("Training curves", curves_figure(recordings, log_loss=True)))
+        figures.append(("NaN/Inf events", events_figure(recordings)))
+        figures.append(("Optimizer memory", memory_figure(recordings)))
+    return figures
 
 
 def parameter_columns(summary: pd.DataFrame) -> list[str]:

@@ -156,3 +156,24 @@ def test_cli_sweep_parses_values_and_exits_nonzero_on_failure(tiny_notebook, tmp
     table = pd.read_csv(out / "summary.csv")
     assert table.loc[table["status"] == "ok", "doubled"].tolist() == [14]
     assert json.loads((out / "runs" / table["run"][0] / "run.json").read_text())["params"]["x"] == 7
+
+
+def test_sweep_report_is_one_offline_page_from_the_shared_writer(tmp_path: Path) -> None:
+    from plotly.offline import get_plotlyjs
+
+    from experiments.sweep import write_report
+
+    summary = pd.DataFrame(
+        [
+            {"run": "a", "x": 1, "status": "ok", "error": "", "notebook": str(tmp_path / "a")},
+            {"run": "b<i>", "x": 2, "status": "failed", "error": "Boom: " + "long " * 40,
+             "notebook": str(tmp_path / "b")},
+        ]
+    )  # fmt: skip
+    runs = pd.DataFrame([{"run": "a", "x": 1, "label": "only", "doubled": 2}])
+    path = write_report(summary, runs, tmp_path / "report.html", title="Sweep <t>")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<title>Sweep &lt;t&gt;</title>" in text
+    assert text.count(get_plotlyjs()[:2000]) == 1 and text.count("Plotly.newPlot(") == 1
+    assert "b&lt;i&gt;" in text and '<td class="text">Boom' in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temporary left
