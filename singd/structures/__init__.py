@@ -15,25 +15,35 @@ from singd.structures.base import StructuredMatrix
 from singd.structures.blockdiagonal import BlockDiagonal, block_diagonal_class
 from singd.structures.dense import Dense
 from singd.structures.diagonal import Diagonal
+from singd.structures.diagonal_line import DiagonalLine
 from singd.structures.hierarchical import Hierarchical, hierarchical_class
 from singd.structures.toeplitz import TriangularToeplitz
 from singd.structures.triangular import Triangular, Tril, Triu
+from singd.structures.trilbottomrightdiag import TrilBottomRightDiagonalMatrix
 from singd.structures.triltoeplitz import TrilToeplitz
+from singd.structures.triltopleftdiag import TrilTopLeftDiagonalMatrix
+from singd.structures.triubottomrightdiag import TriuBottomRightDiagonalMatrix
 from singd.structures.triutoeplitz import TriuToeplitz
+from singd.structures.triutopleftdiag import TriuTopLeftDiagonalMatrix
 
 __all__ = [
     "FORMS",
     "BlockDiagonal",
     "Dense",
     "Diagonal",
+    "DiagonalLine",
     "Hierarchical",
     "StructuredMatrix",
     "Triangular",
     "TriangularToeplitz",
     "Tril",
+    "TrilBottomRightDiagonalMatrix",
     "TrilToeplitz",
+    "TrilTopLeftDiagonalMatrix",
     "Triu",
+    "TriuBottomRightDiagonalMatrix",
     "TriuToeplitz",
+    "TriuTopLeftDiagonalMatrix",
     "names",
     "structure",
 ]
@@ -45,6 +55,10 @@ _FIXED: dict[str, type[StructuredMatrix]] = {
     "triutoeplitz": TriuToeplitz,
     "tril": Tril,
     "triu": Triu,
+    "triltopleftdiag": TrilTopLeftDiagonalMatrix,
+    "trilbottomrightdiag": TrilBottomRightDiagonalMatrix,
+    "triutopleftdiag": TriuTopLeftDiagonalMatrix,
+    "triubottomrightdiag": TriuBottomRightDiagonalMatrix,
 }
 
 #: Every accepted name form; ``{N}``, ``{K1}``, ``{K2}`` are positive integers.

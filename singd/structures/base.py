@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -254,6 +254,35 @@ class StructuredMatrix(ABC):
     def trace(self) -> Tensor:
         """``trace(S)`` (the sum of the diagonal) as a 0-dim tensor."""
 
+    def average_trace(self) -> Tensor:
+        """``trace(S) / dim`` as a 0-dim tensor (the reference package's name)."""
+        return self.trace() / self.dim
+
+    def frobenius_norm(self) -> Tensor:
+        """``||S||_F`` as a 0-dim tensor (structures whose stored entries repeat override it)."""
+        return torch.stack([t.square().sum() for t in self._tensors()]).sum().sqrt()
+
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, tensor)`` for each stored tensor, as in the reference package."""
+        yield from self.to_dict().items()
+
+    # ------------------------------------------------------------------ out-of-place arithmetic
+    def __add__(self, other: StructuredMatrix) -> StructuredMatrix:
+        """``S + T`` for ``T`` of the same structure and dim, as a new matrix."""
+        if not isinstance(other, StructuredMatrix):
+            return NotImplemented
+        return self.clone().add_(other)
+
+    def __mul__(self, value: Scalar) -> StructuredMatrix:
+        """``S * value`` for a scalar (Python number or 0-dim tensor), as a new matrix."""
+        if isinstance(value, StructuredMatrix):
+            raise TypeError(f"{self.name}: * takes a scalar; use @ for products")
+        if not isinstance(value, (int, float, Tensor)) or isinstance(value, bool):
+            return NotImplemented
+        return self.clone().mul_(value)
+
+    __rmul__ = __mul__
+
     # ------------------------------------------------------------------ products
     @abstractmethod
     def to_dense(self) -> Tensor:
@@ -315,6 +344,20 @@ class StructuredMatrix(ABC):
             return self._from_inner_eye()
         X, _ = self._operand(X, "from_inner")
         return self._from_inner(X)
+
+    @classmethod
+    def from_mat_inner(cls, X: Tensor) -> StructuredMatrix:
+        """``Pi(X X^T)`` for ``X`` of shape ``(dim, n)``, without forming ``X X^T`` where the
+        structure is sparse (the reference package's name)."""
+        if not isinstance(X, Tensor) or X.ndim != 2 or X.shape[0] < 1:
+            shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+            raise ValueError(f"{cls.name}.from_mat_inner: X must be (dim, n), got {shape}")
+        return cls.eye(X.shape[0], dtype=X.dtype, device=X.device).from_inner(X)
+
+    def from_inner2(self, XXT: Tensor) -> StructuredMatrix:
+        """``Pi(S^T XXT S)`` for a symmetric ``XXT``: :meth:`from_gram` under the reference
+        package's name."""
+        return self.from_gram(XXT)
 
     def from_gram(self, A: Tensor) -> StructuredMatrix:
         """``Pi(S^T A S)`` for a symmetric ``A`` of shape ``(dim, dim)`` in S's dtype (e.g.

@@ -60,12 +60,29 @@ class BlockDiagonal(StructuredMatrix):
     """Block-diagonal matrix; ``blocks`` ``(dim // N, N, N)`` and ``last`` ``(r, r)`` are
     views of one zero-padded tensor ``data`` (see the module docstring).
 
-    Concrete classes come from ``structure("block{N}diagonal")``, which binds ``N``.
+    Concrete classes come from ``structure("block{N}diagonal")``, which binds ``N``, or from a
+    subclass that sets ``N`` or the reference package's ``BLOCK_DIM`` (the class attribute of
+    its ``BlockDiagonalMatrixTemplate``), e.g. ``class B3(BlockDiagonal): BLOCK_DIM = 3``.
     """
 
     N: ClassVar[int] = 0
+    #: The reference package's name for ``N``.
+    BLOCK_DIM: ClassVar[int] = 0
     _fields = ("blocks", "last")
     _data: Tensor | None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Bind the block size of a subclass that sets ``N`` or ``BLOCK_DIM``, and name it."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "BLOCK_DIM" in own and "N" not in own:
+            cls.N = cls.BLOCK_DIM
+        N = cls.N
+        if isinstance(N, bool) or not isinstance(N, int) or N < 0:
+            raise ValueError(f"{cls.__name__}: block size must be an int >= 1, got {N!r}")
+        cls.BLOCK_DIM = N
+        if N and ("N" in own or "BLOCK_DIM" in own) and "name" not in own:
+            cls.name = f"block{N}diagonal"
 
     def __init__(self, blocks: Tensor, last: Tensor) -> None:
         """Build from the full blocks ``(nb, N, N)`` and the last block ``(dim % N, dim % N)``
@@ -408,9 +425,17 @@ class BlockDiagonal(StructuredMatrix):
         return self._project(self.dim, torch.bmm(data.transpose(1, 2), data))
 
 
+@functools.cache
 def block_diagonal_class(N: int) -> type[BlockDiagonal]:
-    """A new ``block{N}diagonal`` class with the block size bound (use ``structure`` instead)."""
+    """The ``block{N}diagonal`` class with the block size bound, one per ``N`` (the registry's
+    ``structure("block{N}diagonal")``)."""
     if N < 1:
         raise ValueError(f"block size N must be >= 1, got {N}")
     attrs = {"name": f"block{N}diagonal", "N": N, "__module__": __name__}
     return type(f"Block{N}Diagonal", (BlockDiagonal,), attrs)
+
+
+#: The reference package's names: its template (subclasses set ``BLOCK_DIM``) and its
+#: ``block30diagonal`` class (the registry's class, so ``isinstance`` checks agree).
+BlockDiagonalMatrixTemplate = BlockDiagonal
+Block30DiagonalMatrix = block_diagonal_class(30)

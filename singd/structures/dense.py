@@ -1,4 +1,4 @@
-"""The dense structure: all ``d^2`` entries are free."""
+"""The dense structure: all ``d^2`` entries are free (the reference package's ``DenseMatrix``)."""
 
 from __future__ import annotations
 
@@ -60,3 +60,7 @@ class Dense(StructuredMatrix):
 
     def _from_inner_eye(self) -> Dense:
         return self._project(symmetric_gram(self.mat))
+
+
+#: The reference package's name for :class:`Dense`.
+DenseMatrix = Dense

@@ -75,3 +75,7 @@ class Diagonal(StructuredMatrix):
 
     def _from_inner_eye(self) -> Diagonal:
         return self._project(self.diag.square())
+
+
+#: The reference package's name for :class:`Diagonal`.
+DiagonalMatrix = Diagonal

@@ -21,6 +21,7 @@ faster than tall ones.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -41,11 +42,33 @@ class Hierarchical(StructuredMatrix):
     """Hierarchical matrix; stored as the row bands ``top = [A, B]`` ``(k1, d)`` and
     ``bot = [D, E]`` ``(k2, d-k1)`` and the diagonal ``c`` ``(m,)`` (see the module docstring).
 
-    Concrete classes come from ``structure("hierarchical{K1}_{K2}")``, which binds K1, K2.
+    Concrete classes come from ``structure("hierarchical{K1}_{K2}")``, which binds K1, K2,
+    or from a subclass that sets ``K1`` and ``K2`` (or the reference package's ``MAX_K1`` and
+    ``MAX_K2``), e.g. ``class H3_2(Hierarchical): K1, K2 = 3, 2``.
     """
 
     K1: ClassVar[int] = 0
     K2: ClassVar[int] = 0
+    #: The reference package's names for ``K1`` and ``K2``.
+    MAX_K1: ClassVar[int] = 0
+    MAX_K2: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Bind the block sizes of a subclass that sets ``K1, K2`` or ``MAX_K1, MAX_K2``."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        for ours, theirs in (("K1", "MAX_K1"), ("K2", "MAX_K2")):
+            if theirs in own and ours not in own:
+                setattr(cls, ours, own[theirs])
+        K1, K2 = cls.K1, cls.K2
+        for k in (K1, K2):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(f"{cls.__name__}: K1 and K2 must be ints >= 1, got {K1!r}, {K2!r}")
+        cls.MAX_K1, cls.MAX_K2 = K1, K2
+        bound = {"K1", "K2", "MAX_K1", "MAX_K2"} & set(own)
+        if K1 and K2 and bound and "name" not in own:
+            cls.name = f"hierarchical{K1}_{K2}"
+
     _fields = ("A", "B", "c", "D", "E")
     top: Tensor
     c: Tensor
@@ -78,6 +101,7 @@ class Hierarchical(StructuredMatrix):
     A = property(lambda self: self.top[:, : self.top.shape[0]], view_setter("A", _BANDS))
     B = property(lambda self: self.top[:, self.top.shape[0] :], view_setter("B", _BANDS))
     c = property(lambda self: self._c, view_setter("c", _BANDS))
+    C = property(lambda self: self._c, doc="``c`` under the reference package's name.")
     D = property(lambda self: self.bot[:, : self._c.shape[0]], view_setter("D", _BANDS))
     E = property(lambda self: self.bot[:, self._c.shape[0] :], view_setter("E", _BANDS))
 
@@ -370,8 +394,10 @@ class _Views:
         self.Et = self.E.T
 
 
+@functools.cache
 def hierarchical_class(K1: int, K2: int) -> type[Hierarchical]:
-    """A new ``hierarchical{K1}_{K2}`` class with K1, K2 bound (use ``structure`` instead)."""
+    """The ``hierarchical{K1}_{K2}`` class with K1, K2 bound, one per pair (the registry's
+    ``structure("hierarchical{K1}_{K2}")``)."""
     if K1 < 1 or K2 < 1:
         raise ValueError(f"hierarchical K1 and K2 must be >= 1, got K1={K1}, K2={K2}")
     return type(
@@ -379,3 +405,9 @@ def hierarchical_class(K1: int, K2: int) -> type[Hierarchical]:
         (Hierarchical,),
         {"name": f"hierarchical{K1}_{K2}", "K1": K1, "K2": K2, "__module__": __name__},
     )
+
+
+#: The reference package's names: its template (subclasses set ``MAX_K1``, ``MAX_K2``) and its
+#: ``hierarchical15_15`` class (the registry's class, so ``isinstance`` checks agree).
+HierarchicalMatrixTemplate = Hierarchical
+Hierarchical15_15Matrix = hierarchical_class(15, 15)

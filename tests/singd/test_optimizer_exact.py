@@ -19,6 +19,10 @@ STRUCTURES = [
     "triutoeplitz",
     "tril",
     "triu",
+    "triltopleftdiag",
+    "trilbottomrightdiag",
+    "triutopleftdiag",
+    "triubottomrightdiag",
 ]
 
 

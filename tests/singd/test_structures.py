@@ -49,6 +49,15 @@ def pattern(name: str, d: int) -> torch.Tensor:
         return (i >= j).expand(d, d)
     if name in ("triu", "triutoeplitz"):
         return (i <= j).expand(d, d)
+    # the reference package's sparse triangles: the diagonal and one row or column
+    lines = {
+        "triltopleftdiag": i == d - 1,
+        "triubottomrightdiag": i == 0,
+        "trilbottomrightdiag": j == 0,
+        "triutopleftdiag": j == d - 1,
+    }
+    if name in lines:
+        return (i == j) | lines[name]
     raise AssertionError(name)
 
 
@@ -75,6 +84,8 @@ def numel_formula(name: str, d: int) -> int:
         return d
     if name in ("tril", "triu"):
         return d * (d + 1) // 2
+    if name.endswith("diag"):  # triltopleftdiag etc.: a diagonal and a line sharing a corner
+        return 2 * d - 1
     if name.startswith("block"):
         (N,) = params(name)
         return (d // N) * N * N + (d % N) ** 2
@@ -106,6 +117,10 @@ SMALL_STRUCTURES = [
     "triutoeplitz",
     "tril",
     "triu",
+    "triltopleftdiag",
+    "trilbottomrightdiag",
+    "triutopleftdiag",
+    "triubottomrightdiag",
 ]
 SMALL_DIMS = [1, 2, 3, 4, 5, 6, 7, 8, 13]
 # Dimensions crossing the boundaries of the reference package's default parameters.
@@ -118,6 +133,8 @@ LARGE = {
     "tril": [70],
     "dense": [70],
     "diagonal": [70],
+    "triltopleftdiag": [70],
+    "triubottomrightdiag": [70],
 }
 
 CASES = (
@@ -204,6 +221,7 @@ def test_every_operation_matches_dense_math(name, d, dtype, symmetric):
 
     # traces and norms
     check(S.trace(), A.trace(), d * Aa.max(), dtype)
+    check(S.average_trace(), A.trace() / d, Aa.max(), dtype)  # the reference package's name
     assert S.trace().ndim == 0 and S.infinity_vector_norm().ndim == 0
     assert S.infinity_vector_norm().double() == Aa.max()
 

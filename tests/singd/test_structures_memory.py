@@ -33,6 +33,10 @@ def test_detector_sees_a_dense_allocation():
         "hierarchical15_15",
         "triltoeplitz",
         "triutoeplitz",
+        "triltopleftdiag",
+        "trilbottomrightdiag",
+        "triutopleftdiag",
+        "triubottomrightdiag",
     ],
 )
 def test_no_operation_allocates_d_by_d(name):
