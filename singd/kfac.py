@@ -35,38 +35,70 @@ inverse. ``on_inverse_failure="raise"`` raises :class:`KFACInverseError` instead
 
 from __future__ import annotations
 
-import warnings
-import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
+from singd.base import (
+    AmpScales,
+    FirstOrderBatch,
+    KroneckerOptimizer,
+    LayerRecord,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
 from singd.capture import (
     KFAC_APPROXIMATIONS,
     LOSS_AVERAGES,
-    Capture,
     Layer,
-    find_layers,
     grad_rows,
     input_rows,
     loss_average_count,
-    weak_method,
 )
 from singd.dtypes import FLOAT_DTYPES, resolve_dtype
-from singd.update import heavy_ball_step_
 from singd.views import FactorView, LayerFactors
 
 INVERSE_METHODS = ("cholesky", "eigh")
 INVERSE_FAILURE_POLICIES = ("upcast", "raise")
 _FACTORS = ("A", "G")
 
+#: Hyper-parameters and their defaults (also the per-param-group keys).
+DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "damping": 1e-3,
+    "weight_decay": 0.0,
+    "T": 10,
+    "ema_decay": 0.95,
+    "inverse_method": "cholesky",
+    "factor_dtype": None,
+    "inverse_dtype": None,
+    "on_inverse_failure": "upcast",
+    "kfac_approx": "expand",
+    "loss_average": "batch",
+    "warn_unsupported": True,
+}
+
 
 class KFACInverseError(RuntimeError):
     """A Kronecker factor could not be inverted: its dtype failed and upcasting was not
     allowed (``on_inverse_failure="raise"``), or the upcast inverse failed as well."""
+
+
+# ---------------------------------------------------------------------- the math
+def kronecker_statistics(a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``(a^T a / rows, n g^T g)``: one backward pass's contribution to A and G."""
+    return (a.T @ a) / a.shape[0], (g.T @ g) * n
+
+
+def ema_update_(factor: Tensor, new: Tensor, rho: float) -> Tensor:
+    """``factor <- rho * factor + (1 - rho) * new`` in place (``new`` cast to its dtype)."""
+    return factor.mul_(rho).add_(new.to(factor.dtype), alpha=1 - rho)
 
 
 def _try_inverse(factor: Tensor, damping: float, method: str, dtype: torch.dtype) -> Tensor:
@@ -130,7 +162,58 @@ def damped_inverse(
         ) from err
 
 
-class KFAC(Optimizer):
+def kfac_precondition(grad: Tensor, a_inv: Tensor, g_inv: Tensor) -> Tensor:
+    """``G_inv [grad W, grad b] A_inv`` in the wider of the two inverses' dtypes."""
+    work = torch.promote_types(a_inv.dtype, g_inv.dtype)
+    return g_inv.to(work) @ grad.to(work) @ a_inv.to(work)
+
+
+def validate_hyperparameters(h: dict[str, Any]) -> None:
+    """Raise a ValueError naming the first invalid KFAC hyper-parameter in ``h``."""
+    check_number("lr", h["lr"])
+    check_number("momentum", h["momentum"], high=1.0)
+    check_number("damping", h["damping"], low_open=True)
+    check_number("weight_decay", h["weight_decay"])
+    check_int("T", h["T"], low=1)
+    check_number("ema_decay", h["ema_decay"], high=1.0)
+    check_choice("inverse_method", h["inverse_method"], INVERSE_METHODS)
+    check_choice("on_inverse_failure", h["on_inverse_failure"], INVERSE_FAILURE_POLICIES)
+    check_choice("kfac_approx", h["kfac_approx"], KFAC_APPROXIMATIONS)
+    check_choice("loss_average", h["loss_average"], LOSS_AVERAGES)
+    resolve_dtype(h["factor_dtype"], "factor_dtype")
+    resolve_dtype(h["inverse_dtype"], "inverse_dtype")
+    check_bool("warn_unsupported", h["warn_unsupported"])
+
+
+@dataclass(frozen=True)
+class KFACConfig:
+    """One param group's KFAC hyper-parameters, checked, with dtypes resolved."""
+
+    lr: float
+    momentum: float
+    damping: float
+    weight_decay: float
+    T: int
+    ema_decay: float
+    inverse_method: str
+    factor_dtype: torch.dtype | None
+    inverse_dtype: torch.dtype | None
+    on_inverse_failure: str
+    kfac_approx: str
+    loss_average: str | None
+    warn_unsupported: bool
+
+    @classmethod
+    def parse(cls, group: dict[str, Any]) -> KFACConfig:
+        """The config of a group (ValueError naming a bad hyper-parameter)."""
+        h = {k: group[k] for k in DEFAULTS}
+        validate_hyperparameters(h)
+        h["factor_dtype"] = resolve_dtype(h["factor_dtype"], "factor_dtype")
+        h["inverse_dtype"] = resolve_dtype(h["inverse_dtype"], "inverse_dtype")
+        return cls(**h)
+
+
+class KFAC(KroneckerOptimizer):
     """KFAC with dense EMA factors, damped inverses every ``T`` steps and heavy-ball momentum.
 
     Args:
@@ -155,7 +238,9 @@ class KFAC(Optimizer):
     :meth:`preconditioner_factors` and :meth:`state_bytes` to look at the state.
     """
 
-    _step_supports_amp_scaling = True
+    DEFAULTS = DEFAULTS
+    _unscale_by_reciprocal = True
+    _sparse_fallback_ok = True
 
     def __init__(
         self,
@@ -175,108 +260,31 @@ class KFAC(Optimizer):
         loss_average: str | None = "batch",
         warn_unsupported: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            damping=damping,
-            weight_decay=weight_decay,
-            T=T,
-            ema_decay=ema_decay,
-            inverse_method=inverse_method,
-            factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype,
-            on_inverse_failure=on_inverse_failure,
-            kfac_approx=kfac_approx,
-            loss_average=loss_average,
-        )
-        self._check_hypers(defaults)
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-        params = list(params)
-        if not params:
-            raise ValueError("KFAC: the model has no trainable parameter (params is empty)")
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_hypers(group)
-
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        search = find_layers(model, [p for g in self.param_groups for p in g["params"]])
-        for name, layer in search.layers.items():
-            if len({group_of[id(p)] for p in layer.params()}) > 1:
-                raise ValueError(
-                    f"KFAC: weight and bias of layer {name!r} must be in the same param group"
-                )
-        self._layers: dict[str, Layer] = search.layers
-        self._layer_group = {n: group_of[id(lay.weight)] for n, lay in self._layers.items()}
-        self._fallback = [(n, p, group_of[id(p)]) for n, (p, _) in search.others.items()]
-        if self._fallback and warn_unsupported:
-            listed = "; ".join(f"{n} ({why})" for n, (_, why) in search.others.items())
-            warnings.warn(
-                f"KFAC: {len(self._fallback)} parameters are trained by the first-order "
-                f"fallback (heavy-ball SGD on the raw gradient): {listed}",
-                UserWarning,
-                stacklevel=2,
-            )
-        self._step_count = 0
+        arguments = dict(locals())
+        #: the loss scale of the last GradScaler step: divides the statistics when
+        #: ``scaler.unscale_(opt)`` ran first and the scaler hands over none
         self._last_scale = 1.0
         self._stats: dict[str, list[Tensor]] = {}
-        # The hooks reach the optimizer through a weak reference and are removed when it is
-        # collected, so a model outliving its KFAC does no statistics work for it.
-        self._capture = Capture(
-            {n: lay.module for n, lay in self._layers.items()}, weak_method(self._on_capture)
-        )
-        weakref.finalize(self, self._capture.detach)
-        self._attach_capture()
+        super().__init__(model, params, {k: arguments[k] for k in DEFAULTS})
 
-    # ------------------------------------------------------------------ validation
-    @staticmethod
-    def _check_hypers(h: dict[str, Any]) -> None:
-        """Raise a ValueError naming the first invalid hyper-parameter in ``h``."""
-        lr, mom, damp = h["lr"], h["momentum"], h["damping"]
-        if not (isinstance(lr, int | float) and lr >= 0):
-            raise ValueError(f"lr must be a number >= 0; got {lr!r}")
-        if not (isinstance(mom, int | float) and 0 <= mom < 1):
-            raise ValueError(f"momentum must lie in [0, 1); got {mom!r}")
-        if not (isinstance(damp, int | float) and damp > 0):
-            raise ValueError(f"damping must be > 0; got {damp!r}")
-        if not (isinstance(h["weight_decay"], int | float) and h["weight_decay"] >= 0):
-            raise ValueError(f"weight_decay must be >= 0; got {h['weight_decay']!r}")
-        if not (isinstance(h["T"], int) and not isinstance(h["T"], bool) and h["T"] >= 1):
-            raise ValueError(f"T must be an int >= 1; got {h['T']!r}")
-        if not (isinstance(h["ema_decay"], int | float) and 0 <= h["ema_decay"] < 1):
-            raise ValueError(f"ema_decay must lie in [0, 1); got {h['ema_decay']!r}")
-        for key, valid in (
-            ("inverse_method", INVERSE_METHODS),
-            ("on_inverse_failure", INVERSE_FAILURE_POLICIES),
-            ("kfac_approx", KFAC_APPROXIMATIONS),
-            ("loss_average", LOSS_AVERAGES),
-        ):
-            if h[key] not in valid:
-                raise ValueError(f"{key} must be one of {valid}; got {h[key]!r}")
-        resolve_dtype(h["factor_dtype"], "factor_dtype")
-        resolve_dtype(h["inverse_dtype"], "inverse_dtype")
+    # ------------------------------------------------------------------ base interface
+    def _parse(self, group: dict[str, Any]) -> KFACConfig:
+        """The group's :class:`KFACConfig`."""
+        return KFACConfig.parse(group)
 
-    # ------------------------------------------------------------------ capture
-    def _attach_capture(self) -> None:
-        """Hook exactly the layers whose statistics are due at the coming step."""
-        self._capture.attach(
-            n
-            for n in self._layers
-            if self._step_count % self.param_groups[self._layer_group[n]]["T"] == 0
-        )
+    def _new_layer(self, layer: Layer, group: dict) -> LayerRecord:
+        """A layer record (its factors are made at its first update, in ``self.state``)."""
+        return LayerRecord(layer, group)
 
-    def _on_capture(self, name: str, x: Tensor, grad_output: Tensor) -> None:
+    def _accumulate(self, name: str, x: Tensor, grad_output: Tensor) -> None:
         """Accumulate ``a^T a`` and ``g^T g`` (float32) of one forward/backward pass."""
-        layer = self._layers[name]
-        group = self.param_groups[self._layer_group[name]]
-        approx = group["kfac_approx"]
-        a = input_rows(layer.module, x, approx).float()
-        g = grad_rows(layer.module, grad_output, approx).float()
-        n = loss_average_count(layer.module, grad_output, group["loss_average"])
-        aat = (a.T @ a) / a.shape[0]
-        ggt = (g.T @ g) * n
+        rec = self._layers[name]
+        cfg = self._config(rec.group)
+        module = rec.layer.module
+        a = input_rows(module, x, cfg.kfac_approx).float()
+        g = grad_rows(module, grad_output, cfg.kfac_approx).float()
+        n = loss_average_count(module, grad_output, cfg.loss_average)
+        aat, ggt = kronecker_statistics(a, g, n)
         acc = self._stats.get(name)
         if acc is None:
             self._stats[name] = [aat, ggt]
@@ -284,37 +292,40 @@ class KFAC(Optimizer):
             acc[0] += aat
             acc[1] += ggt
 
+    def _drop_statistics(self) -> None:
+        """Forget the statistics gathered since the last step."""
+        self._stats = {}
+
     # ------------------------------------------------------------------ state
-    def _layer_state(self, layer: Layer, group: dict) -> dict[str, Any]:
+    def _layer_state(self, layer: Layer, cfg: KFACConfig) -> dict[str, Any]:
+        """The layer's factors and inverses in ``self.state`` (identities at first use)."""
         state = self.state[layer.weight]
         if "A" not in state:
-            fdt = resolve_dtype(group["factor_dtype"], "factor_dtype") or layer.weight.dtype
-            idt = resolve_dtype(group["inverse_dtype"], "inverse_dtype") or fdt
+            fdt = cfg.factor_dtype or layer.weight.dtype
+            idt = cfg.inverse_dtype or fdt
             dev = layer.weight.device
             for f, d in (("A", layer.in_dim), ("G", layer.out_dim)):
                 state[f] = torch.eye(d, dtype=fdt, device=dev)
-                state[f"{f}_inv"] = torch.eye(d, dtype=idt, device=dev) / (1 + group["damping"])
+                state[f"{f}_inv"] = torch.eye(d, dtype=idt, device=dev) / (1 + cfg.damping)
                 state[f"{f}_upcasts"] = 0
             state["factor_updates"] = 0
         return state
 
     def _update_factors(
-        self, layer: Layer, group: dict, aat: Tensor, ggt: Tensor, stat_scale: float
+        self, layer: Layer, cfg: KFACConfig, aat: Tensor, ggt: Tensor, stat_scale: float
     ) -> None:
         """Fold this step's statistics into the EMA factors and recompute both inverses."""
-        state = self._layer_state(layer, group)
-        rho = group["ema_decay"] if state["factor_updates"] > 0 else 0.0
+        state = self._layer_state(layer, cfg)
+        rho = cfg.ema_decay if state["factor_updates"] > 0 else 0.0
         stats = {"A": aat, "G": ggt / stat_scale**2 if stat_scale != 1.0 else ggt}
-        idt = resolve_dtype(group["inverse_dtype"], "inverse_dtype")
         for f in _FACTORS:
-            new = stats[f].to(state[f].dtype)
-            state[f].mul_(rho).add_(new, alpha=1 - rho)
+            ema_update_(state[f], stats[f], rho)
             inv, up = damped_inverse(
                 state[f],
-                group["damping"],
-                method=group["inverse_method"],
-                dtype=idt or state[f].dtype,
-                on_failure=group["on_inverse_failure"],
+                cfg.damping,
+                method=cfg.inverse_method,
+                dtype=cfg.inverse_dtype or state[f].dtype,
+                on_failure=cfg.on_inverse_failure,
                 what=f"factor {f} of layer {layer.name!r}",
             )
             state[f"{f}_inv"] = inv
@@ -325,137 +336,86 @@ class KFAC(Optimizer):
         state["factor_updates"] += 1
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
-        """Update factors/inverses on ``step % T == 0``, then take one preconditioned step."""
-        if closure is not None:
-            raise ValueError("KFAC.step does not take a closure (got one)")
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        skip = found_inf is not None and float(found_inf) > 0
-        # With a GradScaler the gradients (and the captured g) are still scaled, unless
-        # the user called scaler.unscale_(opt) first: then only the statistics are.
-        inv_scale, stat_scale = 1.0, 1.0
-        if grad_scale is not None:
-            self._last_scale = stat_scale = float(grad_scale)
-            inv_scale = 1.0 / stat_scale
-        elif found_inf is not None:
-            stat_scale = self._last_scale
-        stats, self._stats = self._stats, {}
-        updates: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        for name, layer in self._layers.items():
-            group = self.param_groups[self._layer_group[name]]
-            if not skip and name in stats:
-                self._update_factors(layer, group, *stats[name], stat_scale)
-            grad = None if skip else layer.grad_matrix()
+    def _step_once(self, step: int, scales: AmpScales) -> None:
+        """Update factors/inverses of the layers with statistics, then precondition."""
+        # the gradients (and the captured g) are still scaled, unless the user called
+        # scaler.unscale_(opt) first: then only the statistics are
+        if scales.from_scaler:
+            self._last_scale = scales.stat_div
+        if scales.skip:
+            return
+        stat_scale = self._last_scale if scales.stat_div is None else scales.stat_div
+        configs = {id(g): self._config(g) for g in self.param_groups}
+        batches = {key: FirstOrderBatch([], []) for key in configs}
+        for name, rec in self._layers.items():
+            layer, cfg = rec.layer, configs[id(rec.group)]
+            if name in self._stats:
+                self._update_factors(layer, cfg, *self._stats[name], stat_scale)
+            grad = layer.grad_matrix()
             if grad is None:
                 continue
-            state = self._layer_state(layer, group)
-            a_inv, g_inv = state["A_inv"], state["G_inv"]
-            work = torch.promote_types(a_inv.dtype, g_inv.dtype)
-            pre = g_inv.to(work) @ grad.to(work) @ a_inv.to(work)
-            if inv_scale != 1.0:
-                pre.mul_(inv_scale)
-            params, dirs = updates.setdefault(self._layer_group[name], ([], []))
-            params.extend(layer.params())
-            dirs.extend(d.to(layer.weight.dtype) for d in layer.split(pre))
-        for _, p, gi in self._fallback:
-            if not skip and p.grad is not None:
-                params, dirs = updates.setdefault(gi, ([], []))
-                params.append(p)
-                dirs.append(p.grad * inv_scale if inv_scale != 1.0 else p.grad.clone())
-        for gi, (params, dirs) in updates.items():
-            group = self.param_groups[gi]
-            heavy_ball_step_(
-                self.state,
-                params,
-                dirs,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
+            state = self._layer_state(layer, cfg)
+            pre = kfac_precondition(grad, state["A_inv"], state["G_inv"])
+            if scales.grad_div != 1.0:
+                pre.mul_(1.0 / scales.grad_div)
+            batches[id(rec.group)].params.extend(layer.params())
+            batches[id(rec.group)].directions.extend(
+                d.to(layer.weight.dtype) for d in layer.split(pre)
             )
-        self._step_count += 1
-        self._attach_capture()
+        fallback = {id(p) for p in self._fallback.values()}
+        for group in self.param_groups:
+            cfg, batch = configs[id(group)], batches[id(group)]
+            rest = [p for p in group["params"] if id(p) in fallback]
+            self._fallback_update(cfg, rest, scales.grad_div, batch)
+            self._heavy_ball(cfg, batch)
 
     # ------------------------------------------------------------------ views
     def preconditioner_factors(self) -> dict[str, LayerFactors]:
         """Read-only views of A, G, A_inv, G_inv per layer (empty before the first step)."""
         out: dict[str, LayerFactors] = {}
-        for name, layer in self._layers.items():
-            state = self.state.get(layer.weight, {})
+        for name, rec in self._layers.items():
+            state = self.state.get(rec.layer.weight, {})
             if "A" not in state:
                 continue
             factors = {
                 f: FactorView(state[f], "symmetric", "dense") for f in ("A", "G", "A_inv", "G_inv")
             }
-            out[name] = LayerFactors(name, layer.kind, factors)
+            out[name] = LayerFactors(name, rec.layer.kind, factors)
         return out
 
-    def state_bytes(self) -> dict[str, dict[str, int]]:
-        """Optimizer state bytes per layer (or ``"fallback"``) and component.
-
-        Components: ``A``, ``G``, ``A_inv``, ``G_inv``; ``A_upcast`` / ``G_upcast`` (the
-        working copy of a factor in the wider dtype its inverse was computed in, by the
-        upcast policy or by ``inverse_dtype``) when there was one; ``momentum`` (heavy-ball
-        buffers of the layer's parameters). Parameters trained by the first-order fallback
-        are summed under the layer key ``"fallback"``.
-        """
+    def _factor_bytes(self, name: str, rec: LayerRecord) -> dict[str, int]:
+        """``A``, ``G``, ``A_inv``, ``G_inv``; ``A_upcast`` / ``G_upcast`` (the working copy
+        of a factor in the wider dtype its inverse was computed in, by the upcast policy or
+        by ``inverse_dtype``) when there was one."""
 
         def nbytes(t: Tensor) -> int:
             return t.numel() * t.element_size()
 
-        out: dict[str, dict[str, int]] = {}
-        for name, layer in self._layers.items():
-            state = self.state.get(layer.weight, {})
-            comps: dict[str, int] = {}
-            for f in _FACTORS:
-                if f in state:
-                    comps[f] = nbytes(state[f])
-                    comps[f"{f}_inv"] = nbytes(state[f"{f}_inv"])
-                    if f"{f}_upcast_dtype" in state:
-                        up = FLOAT_DTYPES[state[f"{f}_upcast_dtype"]]
-                        comps[f"{f}_upcast"] = state[f].numel() * torch.finfo(up).bits // 8
-            mom = sum(
-                nbytes(self.state[p]["momentum_buffer"])
-                for p in layer.params()
-                if "momentum_buffer" in self.state.get(p, {})
-            )
-            comps["momentum"] = mom
-            out[name] = comps
-        if self._fallback:
-            bufs = [self.state.get(p, {}).get("momentum_buffer") for _, p, _ in self._fallback]
-            out["fallback"] = {"momentum": sum(nbytes(b) for b in bufs if b is not None)}
-        return out
-
-    def steps(self) -> int:
-        """Number of ``step()`` calls so far (skipped GradScaler steps included)."""
-        return self._step_count
-
-    def fallback_parameters(self) -> dict[str, nn.Parameter]:
-        """Qualified name -> parameter trained by the first-order fallback."""
-        return {n: p for n, p, _ in self._fallback}
-
-    def remove_hooks(self) -> None:
-        """Remove the capture hooks from the model (factors then stay as they are)."""
-        self._capture.detach()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and drop the statistics gathered with them."""
-        self._stats = {}
-        super().zero_grad(set_to_none=set_to_none)
+        state = self.state.get(rec.layer.weight, {})
+        comps: dict[str, int] = {}
+        for f in _FACTORS:
+            if f in state:
+                comps[f] = nbytes(state[f])
+                comps[f"{f}_inv"] = nbytes(state[f"{f}_inv"])
+                if f"{f}_upcast_dtype" in state:
+                    up = FLOAT_DTYPES[state[f"{f}_upcast_dtype"]]
+                    comps[f"{f}_upcast"] = state[f].numel() * torch.finfo(up).bits // 8
+        return comps
 
     def upcast_count(self) -> int:
         """How many factor inverses so far needed an upcast (0 when every dtype worked)."""
         return sum(
-            self.state[layer.weight].get(f"{f}_upcasts", 0)
-            for layer in self._layers.values()
+            self.state[rec.layer.weight].get(f"{f}_upcasts", 0)
+            for rec in self._layers.values()
             for f in _FACTORS
-            if layer.weight in self.state
+            if rec.layer.weight in self.state
         )
 
     # ------------------------------------------------------------------ checkpointing
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, keeping each factor's own dtype (torch would cast it to the param's)."""
+        """Load state, keeping each factor's own dtype (torch would cast it to the param's);
+        the param groups' hyper-parameters are validated before anything changes."""
+        self._check_loaded_groups(state_dict["param_groups"])
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         index = [p for g in self.param_groups for p in g["params"]]
@@ -463,14 +423,15 @@ class KFAC(Optimizer):
             for key, value in saved.get(i, {}).items():
                 if isinstance(value, Tensor) and key in ("A", "G", "A_inv", "G_inv"):
                     self.state[p][key] = value.to(device=p.device).clone()
+        self._after_load()
         extra = state_dict.get("kfac", {})
-        self._step_count = int(extra.get("step", self._step_count))
+        self._step = int(extra.get("step", self._step))
         self._last_scale = float(extra.get("last_scale", self._last_scale))
         self._stats = {}
-        self._attach_capture()
+        self._sync_hooks()
 
     def state_dict(self) -> dict[str, Any]:
         """The torch state dict plus ``"kfac"``: the step counter and the last loss scale."""
         sd = super().state_dict()
-        sd["kfac"] = {"step": self._step_count, "last_scale": self._last_scale}
+        sd["kfac"] = {"step": self._step, "last_scale": self._last_scale}
         return sd

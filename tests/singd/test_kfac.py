@@ -110,7 +110,7 @@ def test_inverses_are_refreshed_only_every_T_steps():
         seen.append(opt.preconditioner_factors()[""].factors["A_inv"].dense())
     assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
     assert not torch.equal(seen[2], seen[3])
-    assert opt.steps() == 4
+    assert opt.steps == 4
 
 
 def test_views_expose_symmetric_dense_factors_and_their_inverses():
@@ -242,7 +242,7 @@ def test_state_dict_round_trips_through_weights_only_load_keeping_factor_dtypes(
     opt2.load_state_dict(saved["opt"])
     f2 = opt2.preconditioner_factors()[""].factors
     assert f2["A"].dtype == torch.bfloat16 and f2["A_inv"].dtype == torch.float32
-    assert opt2.steps() == 3
+    assert opt2.steps == 3
     _kfac_step(opt, layer, x, y)
     _kfac_step(opt2, layer2, x, y)
     torch.testing.assert_close(_joint(layer), _joint(layer2))
