@@ -4,6 +4,21 @@ Notebooks and benchmarks build on it; it builds on ``singd`` and ``diagnostics``
 public APIs (see docs/architecture.md).
 """
 
-from experiments.training import TrainResult, train
+from experiments.sweep import load_sweep, parameter_columns, run_sweep
+from experiments.training import RunSpec, TrainResult, run_spec, train
+from experiments.workloads import WORKLOADS, BatchLoader, DigitsData, build_model, load_digits_data
 
-__all__ = ["TrainResult", "train"]
+__all__ = [
+    "WORKLOADS",
+    "BatchLoader",
+    "DigitsData",
+    "RunSpec",
+    "TrainResult",
+    "build_model",
+    "load_digits_data",
+    "load_sweep",
+    "parameter_columns",
+    "run_spec",
+    "run_sweep",
+    "train",
+]

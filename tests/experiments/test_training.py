@@ -209,3 +209,84 @@ def test_adamw_fallback_is_rejected_for_first_order_optimizers_and_bad_names():
         train("mlp", "sgd", steps=1, fallback="adamw", progress=False)
     with pytest.raises(ValueError, match="fallback must be one of 'builtin', 'adamw'"):
         train("mlp", "singd", steps=1, fallback="adam", progress=False)
+
+
+# ---------------------------------------------------------------------------- RunSpec
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optimizer": "adam"}, "optimizer must be one of 'adamw', 'sgd', 'kfac'"),
+        ({"batch_size": 0}, "batch_size must be a positive int"),
+        ({"record_every": 0}, "record_every must be >= 1"),
+        ({"epochs": 0}, "epochs must be positive"),
+        ({"num_threads": 0}, "num_threads must be a positive int"),
+        ({"structures": ("diagonal", "dense")}, "structures applies only to optimizer 'singd'"),
+        ({"optimizer": "singd", "structures": ("dense",)}, r"structures must be a \(K, C\) pair"),
+        (
+            {"optimizer": "singd", "structures": ("dense", "dense"),
+             "optimizer_options": {"structures": ("diagonal", "dense")}},
+            "not both",
+        ),
+    ],
+)  # fmt: skip
+def test_run_spec_rejects_bad_values_naming_the_argument_and_valid_values(kwargs, match):
+    from experiments import RunSpec
+
+    with pytest.raises(ValueError, match=match):
+        RunSpec(**kwargs)
+
+
+def test_run_spec_rejects_a_workload_that_is_neither_a_name_nor_a_module():
+    from experiments import RunSpec
+
+    with pytest.raises(TypeError, match="workload must be a name or an nn.Module"):
+        RunSpec(workload=3)
+
+
+def test_run_spec_is_frozen_and_replace_checks_the_new_values():
+    import dataclasses
+
+    from experiments import RunSpec
+
+    spec = RunSpec("mlp", "sgd", steps=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.steps = 4  # type: ignore[misc]
+    assert dataclasses.replace(spec, seed=2).seed == 2
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        dataclasses.replace(spec, steps=-1)
+    assert spec.learning_rate == 1e-2 and RunSpec(optimizer="adamw").learning_rate == 1e-3
+
+
+def test_train_of_a_spec_is_the_run_of_the_same_keywords_and_overrides_apply():
+    from experiments import RunSpec
+
+    spec = RunSpec("mlp", "sgd", steps=6, seed=1, progress=False)
+    by_spec = train(spec)
+    by_keywords = train("mlp", "sgd", steps=6, seed=1, progress=False)
+    assert by_spec.losses == by_keywords.losses and by_spec.spec == spec
+    other_seed = train(spec, seed=2)
+    assert other_seed.seed == 2 and other_seed.losses != by_spec.losses
+
+
+def test_train_rejects_an_unknown_argument_listing_the_run_arguments():
+    with pytest.raises(TypeError, match=r"unknown run argument\(s\) \['step'\].*'steps'"):
+        train("mlp", "sgd", step=3)
+    with pytest.raises(TypeError, match="workload given both"):
+        train("mlp", workload="cnn")
+
+
+def test_structures_field_reaches_singd_as_its_structures_option():
+    result = train("mlp", "singd", steps=1, structures=["diagonal", "dense"], progress=False)
+    assert result.options["structures"] == ("diagonal", "dense")
+    assert result.optimizer.param_groups[0]["structures"] == ("diagonal", "dense")
+
+
+def test_train_result_status_is_the_shared_run_status():
+    ok = train("mlp", "sgd", steps=2, record=True, progress=False)
+    diverged = train("mlp", "sgd", lr=1e6, steps=20, progress=False)
+    assert (ok.status, diverged.status) == ("ok", "diverged")
+    assert ok.run_summary().status == "ok" and ok.run_summary().steps == 2
+    with pytest.raises(ValueError, match="record=True"):
+        diverged.run_summary()
