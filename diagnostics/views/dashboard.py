@@ -301,8 +301,8 @@ def dashboard(source: Any, live: bool = False, min_interval: float = 1.0) -> Das
     Dropdowns choose run, layer and factor; the slider chooses the recorded step. With
     ``live=True`` (needs a Recorder) the figures redraw after recorded steps while
     training runs in the same notebook, at most once per ``min_interval`` seconds (a
-    redraw rebuilds the recording's frames, about 0.1 s for 100 recorded SINGD steps of
-    the digits MLP) and once more when the recorder closes; ``refresh()`` redraws on
-    demand, ``close_live()`` stops listening.
+    redraw rebuilds the recording's frames, so its cost grows with the recorded steps)
+    and once more when the recorder closes; ``refresh()`` redraws on demand,
+    ``close_live()`` stops listening.
     """
     return Dashboard(source, live=live, min_interval=min_interval)
