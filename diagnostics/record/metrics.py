@@ -1,13 +1,14 @@
-"""Quantities the recorder measures: spectra, condition numbers, non-finite counts, bytes, peaks.
+"""The math of the recorded quantities: spectra, condition numbers, NaN/Inf counts, bytes, peaks.
 
 Every function here reads its inputs and never writes to them: factors are copied and
 upcast (CPU linear algebra refuses ``bfloat16``/``float16``) before any decomposition, so
 the optimizer's own numbers are never touched.
 
 Precision of spectra (``compute_dtype=None``, the default): a factor stored in float32 or
-lower is decomposed in float32 first (about 30 % cheaper than float64 on a CPU core, for
-the product and the eigensolver); a factor whose float32 spectrum has a condition number
-above `FLOAT32_MAX_COND` (or is singular) is decomposed again in float64. Measured on
+lower is decomposed in float32 first (cheaper than float64 for the product and the
+eigensolver; numbers in ``benchmarks/RESULTS.md``); a factor whose float32 spectrum has
+a condition number above `FLOAT32_MAX_COND` (or is singular) is decomposed again in
+float64. Measured on
 random factors of size 10 to 129, float32 eigenvalues of ``M M^T`` have a relative error
 of about ``3e-8 * cond`` (``3e-4`` at the threshold), so every kept float32 eigenvalue is
 good to better than ``1e-3`` relative, far below what a plot or a condition number on a
@@ -20,14 +21,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from singd.structures import BlockDiagonal, Dense, Diagonal
-from singd.views import FactorView
 
 #: Factors with a dimension above this get a cheap estimate instead of a full spectrum.
 DEFAULT_MAX_DIM = 1024
@@ -39,37 +38,6 @@ FLOAT32_MAX_COND = 1e4
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
-
-
-@dataclass(frozen=True)
-class FactorSummary:
-    """What one factor looks like at one step: its preconditioner spectrum and scalar metrics.
-
-    ``eigenvalues`` are those of the preconditioner factor the matrix builds (``M M^T`` for
-    role ``"root"``, ``M`` itself for ``"symmetric"``), sorted descending, ``float64``; empty
-    for momenta and for factors holding NaN/Inf. For ``estimated`` summaries (dimension
-    above ``max_dim``) it holds only the two estimated extremes ``[max, min]``.
-    """
-
-    eigenvalues: np.ndarray
-    metrics: dict[str, float] = field(default_factory=dict)
-    estimated: bool = False
-
-
-@dataclass(frozen=True)
-class NonfiniteCounts:
-    """How many NaN, +Inf and -Inf entries a tensor holds, and its largest finite magnitude."""
-
-    nan: int
-    posinf: int
-    neginf: int
-    finite_absmax: float
-    numel: int
-
-    @property
-    def total(self) -> int:
-        """Number of non-finite entries."""
-        return self.nan + self.posinf + self.neginf
 
 
 def _condition(eig_max: float, eig_min: float) -> float:
@@ -112,7 +80,7 @@ def _power_extremes(
     return lam_max, max(lam_max - gap, 0.0)
 
 
-def factor_parts(matrix: object) -> tuple[str, list[torch.Tensor]]:
+def _factor_parts(matrix: object) -> tuple[str, list[torch.Tensor]]:
     """The tensors holding a factor's entries, read without building a dense copy.
 
     Returns ``(kind, tensors)``: ``("diagonal", [diag])`` for ``singd.structures.Diagonal``,
@@ -139,168 +107,6 @@ def factor_parts(matrix: object) -> tuple[str, list[torch.Tensor]]:
     return "dense", [to_dense().detach()]
 
 
-def summarize_factor(
-    view: FactorView,
-    *,
-    max_dim: int = DEFAULT_MAX_DIM,
-    power_iters: int = DEFAULT_POWER_ITERS,
-    spectrum: bool = True,
-    compute_dtype: torch.dtype | None = None,
-) -> FactorSummary:
-    """Spectrum and scalar metrics of one preconditioner factor (computed on an upcast copy).
-
-    See `summarize_matrix` for the metrics; this reads the factor through its view,
-    structure-aware (see `summarize_factors`).
-    """
-    if not isinstance(view, FactorView):
-        raise TypeError(f"view must be a singd.views.FactorView, got {type(view).__name__}")
-    return summarize_factors(
-        [(view.matrix, view.role, view.structure)],
-        max_dim=max_dim,
-        power_iters=power_iters,
-        spectrum=spectrum,
-        compute_dtype=compute_dtype,
-    )[0]
-
-
-def summarize_matrix(
-    matrix: torch.Tensor,
-    role: str,
-    structure: str = "dense",
-    *,
-    max_dim: int = DEFAULT_MAX_DIM,
-    power_iters: int = DEFAULT_POWER_ITERS,
-    spectrum: bool = True,
-    compute_dtype: torch.dtype | None = None,
-) -> FactorSummary:
-    """Spectrum and scalar metrics of a dense factor ``matrix`` with the given role.
-
-    Metrics by role: ``"root"`` (SINGD's K, C): ``sv_min``/``sv_max`` (singular values of
-    the factor), ``eig_min``/``eig_max``/``cond`` of ``M M^T``, ``trace`` of ``M M^T``
-    (``= ||M||_F^2``, exact), ``norm_fro``. ``"symmetric"`` (KFAC): the same of ``M``
-    without singular values. ``"momentum"``: ``norm_fro`` and ``norm_max``. With
-    ``spectrum=False`` only cheap metrics (trace, norms) are computed.
-
-    The spectrum is computed on a copy in ``compute_dtype`` (default None: float32 first
-    for float32 and 16-bit factors, float64 where that is ill-conditioned; see the module
-    docstring): for ``"root"`` as the eigenvalues of ``M M^T`` by a symmetric eigensolver
-    (about 1.6x faster than ``svdvals`` here, in either precision), for ``"symmetric"``
-    of ``(M + M^T) / 2``; diagonal factors need no decomposition. Factors
-    with a dimension above ``max_dim`` get an *estimate* of the extremes only (power
-    iteration on ``A`` and on ``eig_max * I - A``, ``power_iters`` steps each;
-    `FactorSummary.estimated` is True).
-    """
-    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
-        raise TypeError("matrix must be a 2-d torch.Tensor")
-    if role in ("root", "symmetric") and structure != "diagonal" and _is_diagonal(matrix):
-        structure = "diagonal"
-    return summarize_factors(
-        [(matrix, role, structure)],
-        max_dim=max_dim,
-        power_iters=power_iters,
-        spectrum=spectrum,
-        compute_dtype=compute_dtype,
-    )[0]
-
-
-def summarize_factors(
-    items: list[tuple[object, str, str]],
-    *,
-    max_dim: int = DEFAULT_MAX_DIM,
-    power_iters: int = DEFAULT_POWER_ITERS,
-    spectrum: bool = True,
-    compute_dtype: torch.dtype | None = None,
-) -> list[FactorSummary]:
-    """`summarize_matrix` of many factors at once, structure-aware and batched.
-
-    ``items``: ``(matrix, role, structure)`` with ``matrix`` a 2-d tensor or a
-    ``singd.structures`` matrix. Norms and finiteness of all factors are read with one
-    host sync; the spectra come from `factor_spectra`. Inputs are never written.
-    """
-    n = len(items)
-    prepared: list[tuple[str, str, list[torch.Tensor], int]] = []
-    for matrix, role, structure in items:
-        _check_role(role)
-        kind, parts = spectral_parts(matrix, role, structure)
-        dim = int(matrix.shape[0]) if isinstance(matrix, torch.Tensor) else int(matrix.dim)
-        prepared.append((role, kind, parts, dim))
-    if not n:
-        return []
-    # one host sync: Frobenius norms, diagonal sums (symmetric), absmax (momentum)
-    flat = [p for it in prepared for p in it[2]]
-    norms = _norms64(flat)
-    stats: list[torch.Tensor] = []
-    k = 0
-    for role, kind, parts, _ in prepared:
-        sq = sum(norms[k + j].square() for j in range(len(parts)))
-        k += len(parts)
-        if role == "symmetric":
-            extra = sum(_diag_sum(p, kind).double() for p in parts)
-        elif role == "momentum":
-            extra = max((p.abs().max().double() for p in parts if p.numel()), default=_zero(parts))
-        else:
-            extra = sq
-        stats.append(torch.stack([sq.reshape(()), torch.as_tensor(extra).reshape(()).to(sq)]))
-    values = torch.stack([s.to(stats[0].device) for s in stats]).tolist()
-    nan = math.nan
-    empty = np.zeros(0, dtype=np.float64)
-    out: list[FactorSummary | None] = [None] * n
-    metrics_all: list[dict[str, float]] = []
-    todo: list[int] = []
-    for i, ((role, _, _, dim), (sq, extra)) in enumerate(zip(prepared, values)):
-        finite = math.isfinite(sq)
-        if role == "momentum":
-            metrics = {
-                "norm_fro": math.sqrt(sq) if finite else nan,
-                "norm_max": extra if (finite and dim) else nan,
-            }
-            out[i] = FactorSummary(empty, metrics)
-            metrics_all.append(metrics)
-            continue
-        trace = sq if role == "root" else extra
-        metrics = {"trace": trace if finite else nan, "norm_fro": math.sqrt(sq) if finite else nan}
-        metrics_all.append(metrics)
-        if not spectrum:
-            out[i] = FactorSummary(empty, metrics)
-            continue
-        if not finite or dim == 0:
-            metrics.update(dict.fromkeys(_spectral_keys(role), nan))
-            out[i] = FactorSummary(empty, metrics)
-            continue
-        todo.append(i)
-    spectra = _spectra(
-        [prepared[i] for i in todo], max_dim, power_iters, compute_dtype, auto=compute_dtype is None
-    )
-    for i, (eig, estimated) in zip(todo, spectra):
-        metrics = metrics_all[i]
-        metrics.update(spectral_metrics(eig, prepared[i][0]))
-        out[i] = FactorSummary(eig, metrics, estimated)
-    return out  # type: ignore[return-value]
-
-
-def factor_spectra(
-    items: list[tuple[object, str, str]],
-    *,
-    max_dim: int = DEFAULT_MAX_DIM,
-    power_iters: int = DEFAULT_POWER_ITERS,
-    compute_dtype: torch.dtype | None = None,
-) -> list[tuple[np.ndarray, bool]]:
-    """Eigenvalues (descending float64 numpy) and whether they are an estimate, per factor.
-
-    ``items``: ``(matrix, role, structure)``, role ``"root"`` or ``"symmetric"``, each
-    matrix finite and of dimension >= 1 (check that first, e.g. with its norm; a NaN
-    makes the eigensolver fail or return NaN). See `parts_spectra`.
-    """
-    prepared = []
-    for matrix, role, structure in items:
-        kind, parts = spectral_parts(matrix, role, structure)
-        dim = int(matrix.shape[0]) if isinstance(matrix, torch.Tensor) else int(matrix.dim)
-        prepared.append((role, kind, parts, dim))
-    return parts_spectra(
-        prepared, max_dim=max_dim, power_iters=power_iters, compute_dtype=compute_dtype
-    )
-
-
 def parts_spectra(
     items: list[tuple[str, str, list[torch.Tensor], int]],
     *,
@@ -308,9 +114,12 @@ def parts_spectra(
     power_iters: int = DEFAULT_POWER_ITERS,
     compute_dtype: torch.dtype | None = None,
 ) -> list[tuple[np.ndarray, bool]]:
-    """`factor_spectra` of factors given as ``(role, kind, parts, dim)`` (from `spectral_parts`).
+    """Eigenvalues (descending float64 numpy) and whether they are an estimate, per factor.
 
-    Lets a caller decompose copies of the stored tensors (e.g. on another thread).
+    ``items``: ``(role, kind, parts, dim)`` from `spectral_parts`, role ``"root"`` or
+    ``"symmetric"``, each factor finite and of dimension >= 1 (check that first, e.g. with
+    its norm; a NaN makes the eigensolver fail or return NaN). The parts may be copies of
+    the stored tensors (decomposed on another thread).
     Structure-aware and batched: a diagonal factor's eigenvalues are its squared
     (``"root"``) entries, no decomposition; a block-diagonal factor is decomposed block by
     block; all square blocks of the same size and precision (dense factors of the same
@@ -352,12 +161,12 @@ def _check_role(role: str) -> None:
 
 
 def spectral_parts(matrix: object, role: str, structure: str) -> tuple[str, list[torch.Tensor]]:
-    """`factor_parts` as the spectra read them: a dense tensor whose structure is said to
+    """`_factor_parts` as the spectra read them: a dense tensor whose structure is said to
     be ``"diagonal"`` gets kind ``"dense-diagonal"`` (its diagonal is used)."""
     _check_role(role)
     if isinstance(matrix, torch.Tensor) and matrix.dim() != 2:
         raise TypeError("matrix must be a 2-d torch.Tensor")
-    kind, parts = factor_parts(matrix)
+    kind, parts = _factor_parts(matrix)
     if kind == "dense" and structure == "diagonal" and role != "momentum":
         kind = "dense-diagonal"  # a dense tensor said to be diagonal: use its diagonal
     return kind, parts
@@ -371,7 +180,7 @@ def _spectra(
     *,
     auto: bool,
 ) -> list[tuple[np.ndarray, bool]]:
-    """Spectra of ``(role, kind, parts, dim)`` factors (see `factor_spectra`).
+    """Spectra of ``(role, kind, parts, dim)`` factors (see `parts_spectra`).
 
     With ``auto``, float32 results above `FLOAT32_MAX_COND` are redone in float64. Few
     torch calls (per group of same-sized blocks: one stack, one product, one ``eigvalsh``,
@@ -440,30 +249,7 @@ def _spectra(
     return out
 
 
-def _norms64(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Frobenius norms accumulated in float64 (no upcast copies), one fused call per dtype."""
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    for idx in by_dtype.values():
-        group = [tensors[i] for i in idx]
-        try:
-            res = torch._foreach_norm(group, 2, dtype=torch.float64)
-        except (RuntimeError, TypeError):  # pragma: no cover - unusual dtypes / old torch
-            res = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in group]
-        for i, r in zip(idx, res):
-            out[i] = r
-    return out  # type: ignore[return-value]
-
-
-def _zero(parts: list[torch.Tensor]) -> torch.Tensor:
-    """A float64 zero on the parts' device."""
-    dev = parts[0].device if parts else "cpu"
-    return torch.zeros((), dtype=torch.float64, device=dev)
-
-
-def _diag_sum(part: torch.Tensor, kind: str) -> torch.Tensor:
+def diag_sum(part: torch.Tensor, kind: str) -> torch.Tensor:
     """Sum of the diagonal entries a stored tensor contributes to its matrix."""
     if kind == "diagonal" or part.dim() == 1:
         return part.sum()
@@ -487,20 +273,6 @@ def _estimate(m: torch.Tensor, role: str, power_iters: int) -> torch.Tensor:
     return torch.tensor([hi, lo], dtype=torch.float64)
 
 
-def _is_diagonal(m: torch.Tensor) -> bool:
-    """Whether a square matrix has no off-diagonal entry (cheap test before an SVD)."""
-    return m.shape[0] > 1 and bool((m - torch.diag(torch.diagonal(m))).count_nonzero() == 0)
-
-
-def nonfinite_counts(t: torch.Tensor) -> NonfiniteCounts:
-    """Count NaN, +Inf and -Inf entries of ``t`` and its largest finite magnitude."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
-    vec = count_vector(t)
-    nan, pos, neg, absmax = vec.tolist()
-    return NonfiniteCounts(int(nan), int(pos), int(neg), float(absmax), t.numel())
-
-
 def count_vector(t: torch.Tensor) -> torch.Tensor:
     """``[nan, +inf, -inf, finite absmax]`` of ``t`` as a float64 tensor on ``t``'s device.
 
@@ -518,44 +290,13 @@ def count_vector(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([nan.double(), pos.double(), neg.double(), absmax.double()])
 
 
-def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor (on device, no host sync): whether every entry of every tensor is finite.
-
-    Uses one fused norm per device/dtype group; a norm that overflows counts as
-    non-finite, which only costs a detailed (and then empty) inspection.
-    """
-    ts = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
-    if not ts:
-        return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.nn.utils.get_total_norm(ts, foreach=None))
-
-
-def tensor_bytes(t: object) -> int:
-    """Bytes of storage a tensor or a structured matrix holds (``numel * itemsize``)."""
-    if isinstance(t, torch.Tensor):
-        return t.numel() * t.element_size()
-    numel = getattr(t, "numel", None)
-    dtype = getattr(t, "dtype", None)
-    if callable(numel) and isinstance(dtype, torch.dtype):
-        return int(numel()) * torch.empty((), dtype=dtype).element_size()
-    raise TypeError(f"t must be a torch.Tensor or a structured matrix, got {type(t).__name__}")
-
-
 def state_bytes_by_key(state: Mapping[str, object]) -> dict[str, int]:
     """Bytes per state key of one parameter's optimizer state (tensors only; scalars skipped)."""
     out: dict[str, int] = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            out[str(key)] = out.get(str(key), 0) + tensor_bytes(value)
+            out[str(key)] = out.get(str(key), 0) + value.numel() * value.element_size()
     return out
-
-
-def second_moment_summary(v: torch.Tensor, eps: float = 0.0) -> dict[str, float]:
-    """Min/max/mean of a second-moment estimate and the condition number of ``sqrt(v) + eps``.
-
-    This is the diagonal preconditioner Adam-type optimizers divide by.
-    """
-    return second_moment_summaries([(v, eps)])[0]
 
 
 def second_moment_summaries(items: list[tuple[torch.Tensor, float]]) -> list[dict[str, float]]:
@@ -563,7 +304,7 @@ def second_moment_summaries(items: list[tuple[torch.Tensor, float]]) -> list[dic
 
     Reductions run in each tensor's own storage (no copy; ``aminmax`` and a sum in the
     tensor's precision, float32 for 16-bit ones: torch's cascade summation keeps the mean
-    to about 1e-6 relative, and a float64-accumulating sum takes twice as long), so NaN
+    to about 1e-6 relative, and a float64-accumulating sum is slower), so NaN
     propagates into the results (and the condition number becomes NaN).
     """
     if not items:
@@ -609,7 +350,7 @@ _FDS: dict[tuple[str, int], tuple[int, int]] = {}  # (path, flags) -> (pid, open
 
 
 def _proc_fd(path: str, flags: int) -> int:
-    """An fd of a ``/proc/self`` file, kept open (reopening costs about half of a read);
+    """An fd of a ``/proc/self`` file, kept open (reopening costs more than a read);
     reopened after a fork (the old one would still show the parent)."""
     pid = os.getpid()
     got = _FDS.get((path, flags))

@@ -305,7 +305,7 @@ def test_loss_only_check_catches_a_gradient_nan_one_step_later_through_the_loss(
     at2 = ev[ev["step"] == 2]
     assert ("forward", "(model)", "loss") in set(zip(at2.phase, at2.layer, at2.tensor))
     assert ("parameter update", "2", "weight") in set(zip(at2.phase, at2.layer, at2.tensor))
-    assert rec._armed  # step 3 would be inspected with forward/backward hooks
+    assert rec._hooks.armed  # step 3 would be inspected with forward/backward hooks
 
 
 def test_inf_in_an_activation_gives_exactly_one_forward_event():
@@ -376,7 +376,7 @@ def test_nonfinite_loss_is_a_forward_event_and_arms_hooks_for_the_next_step():
         [1, "forward", "loss"],
     ]
     assert ev["n_posinf"].tolist() == [0, 1]
-    assert rec._armed  # the next step is inspected in detail
+    assert rec._hooks.armed  # the next step is inspected in detail
 
 
 def test_events_off_records_none():
@@ -501,7 +501,7 @@ def test_steps_without_a_loss_record_nan_and_raise_no_event():
     st = rec.recording.steps
     assert st["loss"].isna().all() and st["loss"].dtype == "float64"
     assert len(rec.recording.events) == 0
-    assert not rec._armed or rec.is_recorded(rec.current_step)
+    assert not rec._hooks.armed or rec.is_recorded(rec.current_step)
 
 
 def test_record_error_writes_an_event_that_says_why_the_run_stopped(tmp_path):
@@ -548,13 +548,13 @@ def test_train_records_the_kfac_inverse_failure_as_an_error_event():
 
 
 def test_auto_workers_uses_a_thread_only_when_a_cpu_is_free(monkeypatch):
-    from diagnostics.record import recorder as R
+    from diagnostics.record import worker as W
 
-    monkeypatch.setattr(R.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(R.torch, "get_num_threads", lambda: 1)
-    assert R.auto_workers() == 1
-    monkeypatch.setattr(R.torch, "get_num_threads", lambda: 2)
-    assert R.auto_workers() == 0
+    monkeypatch.setattr(W.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(W.torch, "get_num_threads", lambda: 1)
+    assert W.auto_workers() == 1
+    monkeypatch.setattr(W.torch, "get_num_threads", lambda: 2)
+    assert W.auto_workers() == 0
     model = _mlp()
     opt = FakeFactorOptimizer(model.parameters(), torch.eye(3), torch.eye(2))
     rec = Recorder(opt, model)  # workers="auto" is the default
@@ -682,7 +682,7 @@ def test_a_slow_worker_holds_at_most_two_jobs_and_loses_none(monkeypatch):
         loss.backward()
         opt.step()
         rec.step(loss=loss)
-        in_flight.append(sum(not fut.done() for *_, fut in rec._pending))
+        in_flight.append(rec._worker.in_flight())
     rec.close()
     assert max(in_flight) <= 2
     eig_max = rec.recording.metric("eig_max", "0", "K")["value"].tolist()

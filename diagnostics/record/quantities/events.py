@@ -1,0 +1,138 @@
+"""`Events`: NaN/Inf events (one row per phase, layer and tensor) and recorded errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from diagnostics.record import metrics as M
+from diagnostics.record.quantities.base import MODEL, Finding, Params, Probe, StepContext, Tables
+
+
+class Events:
+    """Finds NaN/Inf in the probed and hooked tensors and turns them into event rows.
+
+    A probe whose norm is non-finite is counted in detail (`metrics.count_vector`); the
+    counts of all such tensors are read with one host sync. Several tensors of one
+    (phase, layer, name) merge into one event. After ``max_events`` rows, further events
+    are dropped with one warning; errors (`error`) are always kept.
+    """
+
+    def __init__(self, params: Params, check_finite: str | bool, max_events: int) -> None:
+        self.params = params
+        self.check_finite = check_finite
+        self.max_events = max_events
+        self._warned = False
+
+    def loss_probes(self, loss: Any) -> list[Probe]:
+        """The loss as a probe (phase ``forward``), when it is a tensor or non-finite."""
+        if isinstance(loss, torch.Tensor):
+            return [Probe("forward", MODEL, "loss", loss)]
+        if loss is not None and not math.isfinite(loss):
+            return [Probe("forward", MODEL, "loss", torch.tensor(loss, dtype=torch.float64))]
+        return []
+
+    def cheap_check(self, loss: Any) -> bool:
+        """Finiteness of the loss (and, for ``"grads"``, all gradients): one host sync."""
+        if self.check_finite == "grads":
+            grads = [p.grad for p in self.params.tensors if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                if self.params.cpu:
+                    total = sum(float(n) for n in norms)
+                else:
+                    total = torch.stack([n.float() for n in norms]).sum()
+                    if isinstance(loss, torch.Tensor):
+                        total = total + loss.float()
+                        return bool(torch.isfinite(total))
+                    total = float(total)
+                if not math.isfinite(total):
+                    return False
+        return loss is None or math.isfinite(float(loss))
+
+    def inspect(
+        self,
+        ctx: StepContext,
+        probes: list[Probe],
+        norms: list[float],
+        hooked: list[Finding],
+        tables: Tables,
+    ) -> None:
+        """Add the events of one step: probes with a non-finite norm, then hooked findings."""
+        found = [
+            Finding(p.phase, p.layer, p.name, p.tensor, M.count_vector(p.tensor))
+            for p, n in zip(probes, norms)
+            if not math.isfinite(n)
+        ]
+        found.extend(hooked)
+        if not found:
+            return
+        counts = torch.stack([f.counts.to("cpu") for f in found]).tolist()
+        merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for f, (nan, pos, neg, absmax) in zip(found, counts):
+            if nan + pos + neg == 0:
+                continue  # a norm overflowed, the tensor itself is finite
+            ev = merged.get((f.phase, f.layer, f.name))
+            if ev is None:
+                merged[(f.phase, f.layer, f.name)] = {
+                    "step": ctx.step,
+                    "phase": f.phase,
+                    "layer": f.layer,
+                    "tensor": f.name,
+                    "dtype": str(f.tensor.dtype).removeprefix("torch."),
+                    "shape": str(tuple(f.tensor.shape)),
+                    "numel": f.tensor.numel(),
+                    "n_nan": int(nan),
+                    "n_posinf": int(pos),
+                    "n_neginf": int(neg),
+                    "finite_absmax": float(absmax),
+                    "grad_scale": ctx.grad_scale,
+                    "skipped": ctx.skipped,
+                }
+            else:
+                ev["n_nan"] += int(nan)
+                ev["n_posinf"] += int(pos)
+                ev["n_neginf"] += int(neg)
+                ev["numel"] += f.tensor.numel()
+                ev["finite_absmax"] = max(ev["finite_absmax"], float(absmax))
+        self._add(list(merged.values()), tables)
+
+    def _add(self, new: list[dict[str, Any]], tables: Tables) -> None:
+        """Append events up to ``max_events`` (warning once when some are dropped)."""
+        room = self.max_events - len(tables.events)
+        if len(new) > room:
+            if not self._warned:
+                warnings.warn(
+                    f"Recorder: more than max_events={self.max_events} NaN/Inf events; "
+                    "further events are dropped",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+                self._warned = True
+            new = new[: max(room, 0)]
+        tables.events.extend(new)
+
+    @staticmethod
+    def error(
+        step: int, phase: str, layer: str, tensor: str, message: str, grad_scale: float
+    ) -> dict[str, Any]:
+        """The event row of an error that aborts training (zero NaN/Inf counts)."""
+        return {
+            "step": step,
+            "phase": phase,
+            "layer": layer,
+            "tensor": tensor,
+            "dtype": "",
+            "shape": "",
+            "numel": 0,
+            "n_nan": 0,
+            "n_posinf": 0,
+            "n_neginf": 0,
+            "finite_absmax": math.nan,
+            "grad_scale": grad_scale,
+            "skipped": True,
+            "message": message,
+        }

@@ -1,0 +1,232 @@
+"""`FactorSpectra`: what each preconditioner factor looks like (norms, traces, spectra).
+
+The one place where factor summaries are made. Factors are read through the optimizer's
+public view ``preconditioner_factors()``, structure-aware through `metrics.spectral_parts`
+(diagonal factors: their entries, no decomposition; block-diagonal: per block; others
+dense), and decomposed in batches by `metrics.parts_spectra` on upcast copies. Metrics by
+role: ``"root"`` (SINGD's K, C): ``norm_fro``, ``trace`` of ``M M^T`` (= the squared
+Frobenius norm, exact), ``eig_min``/``eig_max``/``cond`` of ``M M^T``, ``sv_min``/``sv_max``;
+``"symmetric"`` (KFAC): the same of ``M`` without singular values; ``"momentum"``:
+``norm_fro`` and ``norm_max``. A factor holding NaN/Inf gets NaN metrics and no spectrum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from diagnostics.record import metrics as M
+from diagnostics.record.cache import ChangeCache, Entry, Stamp, stamp
+from diagnostics.record.quantities.base import MetricRow, Probe, SpectrumBlock, Tables
+
+_EMPTY = np.zeros(0, dtype=np.float64)
+
+
+class Factor(NamedTuple):
+    """One factor of one layer as the view gives it, with its stored tensors."""
+
+    layer: str
+    name: str
+    view: Any
+    parts: list[torch.Tensor]
+    kind: str
+    stamp: Stamp | None
+
+    @property
+    def key(self) -> Hashable:
+        """Its key in the change caches."""
+        return (self.layer, self.name)
+
+
+class JobItem(NamedTuple):
+    """What a spectra job does with one factor: ``plan`` is ``"nan"`` (NaN metrics, no
+    spectrum), ``"reuse"`` (the spectrum in ``entry``, unchanged since) or ``"decompose"``
+    (``spec`` = ``(role, kind, parts, dim)`` for `metrics.parts_spectra`; the result
+    goes into ``entry``)."""
+
+    layer: str
+    factor: str
+    role: str
+    plan: str
+    spec: tuple | None = None
+    entry: Entry | None = None
+
+
+@dataclass
+class SpectraJob:
+    """The spectra of one recorded step, computed inline or on the worker thread."""
+
+    step: int
+    items: list[JobItem]
+
+    @property
+    def decomposes(self) -> bool:
+        """Whether any factor needs a decomposition."""
+        return any(it.plan == "decompose" for it in self.items)
+
+
+class FactorSpectra:
+    """Factor norms and traces on recorded steps; spectra, extreme eigenvalues and
+    condition numbers with ``spectra``.
+
+    Unchanged factors (see `diagnostics.record.cache`) keep their norms (``norms`` cache)
+    and are not decomposed again (``spectra`` cache): their last spectrum is recorded for
+    the new step. With ``copy`` (a worker thread decomposes), the factors to decompose are
+    copied first, since the optimizer changes them while the worker reads.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        spectra: bool,
+        max_dim: int,
+        power_iters: int,
+        copy: bool,
+        norms: ChangeCache,
+        spectra_cache: ChangeCache,
+    ) -> None:
+        self.optimizer = optimizer
+        self.active = callable(getattr(optimizer, "preconditioner_factors", None))
+        self.spectra = spectra
+        self.max_dim = max_dim
+        self.power_iters = power_iters
+        self.copy = copy
+        self._norms = norms
+        self._spectra = spectra_cache
+
+    def read(self) -> list[Factor]:
+        """The factors of ``preconditioner_factors()`` (none for optimizers without it).
+
+        The stored tensors may be the optimizer's own storage: they are only read.
+        """
+        if not self.active:
+            return []
+        out = []
+        for layer, lf in self.optimizer.preconditioner_factors().items():
+            for fname, view in lf.factors.items():
+                kind, parts = M.spectral_parts(view.matrix, view.role, view.structure)
+                current = stamp(view.matrix, parts)
+                out.append(Factor(str(layer), str(fname), view, parts, kind, current))
+        return out
+
+    def probes(self, factors: list[Factor], cached: bool = False) -> list[Probe]:
+        """One probe per stored tensor (several of one factor merge into one event); with
+        ``cached``, unchanged factors' probes carry their cached norms."""
+        out = []
+        for f in factors:
+            entry = self._norms.get(f.key, f.view.matrix, f.stamp) if cached else None
+            known = entry.value if entry is not None else [None] * len(f.parts)
+            for t, n in zip(f.parts, known):
+                out.append(Probe("preconditioner update", f.layer, f.name, t, n))
+        return out
+
+    def record(
+        self, step: int, factors: list[Factor], norms: list[float], tables: Tables
+    ) -> SpectraJob | None:
+        """Cheap metrics from the fused norms now; the spectra job to run (or None)."""
+        squares: list[float] = []
+        k = 0
+        for f in factors:
+            part_norms = norms[k : k + len(f.parts)]
+            k += len(f.parts)
+            self._norms.put(f.key, f.stamp, part_norms)
+            squares.append(sum(n * n for n in part_norms))
+        rows, nan = tables.metrics, math.nan
+        symmetric, momenta, items = [], [], []
+        for f, sq in zip(factors, squares):
+            finite = math.isfinite(sq)
+            rows.append(
+                MetricRow(step, f.layer, f.name, "norm_fro", math.sqrt(sq) if finite else nan)
+            )
+            role = f.view.role
+            if role == "root":
+                rows.append(MetricRow(step, f.layer, f.name, "trace", sq if finite else nan))
+            elif role == "symmetric":
+                symmetric.append((f, finite))
+            if not self.spectra:
+                continue
+            if role == "momentum":
+                momenta.append((f, finite))
+            else:
+                items.append(self._plan(f, finite))
+        self._traces(step, symmetric, tables)
+        self._max_norms(step, momenta, tables)
+        return SpectraJob(step, items) if items else None
+
+    def _plan(self, f: Factor, finite: bool) -> JobItem:
+        """Decompose the factor, reuse its last spectrum, or give NaN metrics.
+
+        This is where a time budget would choose exact spectra for some factors and
+        power-iteration extremes for the rest.
+        """
+        role, dim = f.view.role, f.view.dim
+        if not finite or dim == 0:
+            self._spectra.drop(f.key)
+            return JobItem(f.layer, f.name, role, "nan")
+        entry = self._spectra.get(f.key, f.view.matrix, f.stamp)
+        if entry is not None:
+            return JobItem(f.layer, f.name, role, "reuse", entry=entry)
+        entry = self._spectra.put(f.key, f.stamp)
+        parts = [p.clone() for p in f.parts] if self.copy else f.parts
+        return JobItem(f.layer, f.name, role, "decompose", (role, f.kind, parts, dim), entry)
+
+    def _traces(self, step: int, symmetric: list[tuple[Factor, bool]], tables: Tables) -> None:
+        """Traces of symmetric factors (KFAC), one host sync."""
+        if not symmetric:
+            return
+        traces = torch.stack(
+            [sum(M.diag_sum(p.double(), f.kind) for p in f.parts) for f, _ in symmetric]
+        ).tolist()
+        for (f, finite), tr in zip(symmetric, traces):
+            value = float(tr) if finite else math.nan
+            tables.metrics.append(MetricRow(step, f.layer, f.name, "trace", value))
+
+    def _max_norms(self, step: int, momenta: list[tuple[Factor, bool]], tables: Tables) -> None:
+        """Largest magnitude of each momentum (by ``aminmax``, faster than the inf-norm)."""
+        if not momenta:
+            return
+        parts = [p for f, _ in momenta for p in f.parts if p.numel()]
+        if not parts:
+            ext = iter([])
+        elif all(p.device.type == "cpu" for p in parts):  # no sync to save: floats at once
+            ext = iter([max(-float(lo), float(hi)) for lo, hi in map(torch.aminmax, parts)])
+        else:  # one host sync
+            mm = torch.stack([torch.stack(torch.aminmax(p)).double() for p in parts])
+            ext = iter(mm.abs().amax(1).tolist())
+        for f, finite in momenta:
+            vals = [next(ext) for p in f.parts if p.numel()]
+            value = max(vals, default=0.0) if finite and vals else math.nan
+            tables.metrics.append(MetricRow(step, f.layer, f.name, "norm_max", value))
+
+    def compute(self, job: SpectraJob) -> list[tuple[np.ndarray, bool]]:
+        """Spectra of the factors a job decomposes (any thread; reads copies when threaded)."""
+        todo = [it.spec for it in job.items if it.plan == "decompose"]
+        with torch.no_grad():
+            return M.parts_spectra(todo, max_dim=self.max_dim, power_iters=self.power_iters)
+
+    def merge(self, job: SpectraJob, results: list[tuple[np.ndarray, bool]], tables: Tables):
+        """Add a job's rows (training thread, in step order)."""
+        res = iter(results)
+        s = job.step
+        for it in job.items:
+            if it.plan == "nan":
+                eig, estimated = _EMPTY, False
+            elif it.plan == "reuse":
+                eig, estimated = it.entry.value or (_EMPTY, False)
+            else:
+                eig, estimated = next(res)
+                if it.entry is not None:
+                    it.entry.value = (eig, estimated)
+            for metric, v in M.spectral_metrics(eig, it.role).items():
+                tables.metrics.append(MetricRow(s, it.layer, it.factor, metric, v))
+            if eig.size:
+                tables.metrics.append(
+                    MetricRow(s, it.layer, it.factor, "spectrum_estimated", float(estimated))
+                )
+                tables.spectra.append(SpectrumBlock(s, it.layer, it.factor, eig))
