@@ -8,13 +8,14 @@ into one flat buffer per communication dtype, runs one ``all_reduce`` per buffer
 the result back: the mean over ranks where ``average[i]`` is true, the sum elsewhere. Steps
 that do not update a preconditioner make no call, hence no collective.
 
-Why the mean (DESIGN section 2): ``a`` is scaled by ``1/sqrt(rows)``, so ``H_K`` is a mean
-over rows; ``g`` is the gradient of a per-rank loss averaged over ``n`` terms, scaled by
-``sqrt(n)``, so ``H_C = (1/n) sum_i dl_i dl_i^T`` is a mean over loss terms too. Averaging
-these means over ranks gives each rank's rows the weight ``1/(R n_r)``, exactly the weight
-DDP's gradient averaging gives them: with equal shards this is the full batch, with unequal
-shards it is the objective DDP optimises. With ``loss_average=None`` (a sum loss) ``H_C`` is
-a sum over loss terms, so it is summed over ranks (``H_K`` is still averaged).
+Why the mean (see docs/architecture.md, 'singd: the optimizer'): ``a`` is scaled by
+``1/sqrt(rows)``, so ``H_K`` is a mean over rows; ``g`` is the gradient of a per-rank loss
+averaged over ``n`` terms, scaled by ``sqrt(n)``, so ``H_C = (1/n) sum_i dl_i dl_i^T`` is a
+mean over loss terms too. Averaging these means over ranks gives each rank's rows the weight
+``1/(R n_r)``, exactly the weight DDP's gradient averaging gives them: with equal shards
+this is the full batch, with unequal shards it is the objective DDP optimises. With
+``loss_average=None`` (a sum loss) ``H_C`` is a sum over loss terms, so it is summed over
+ranks (``H_K`` is still averaged).
 
 **Work sharing** (``StatisticsReducer(share_work=True)``, off by default): after the
 statistics are reduced, each rank runs the preconditioner update (``riemannian_step``) only

@@ -1,4 +1,5 @@
-"""The math of SINGD (DESIGN section 2) as plain functions on structured matrices.
+"""The math of SINGD as plain functions on structured matrices (see docs/architecture.md,
+'singd: the optimizer', and the paper's update rules restated there).
 
 * :func:`riemannian_step`: from the statistics ``H_K, H_C`` to the new ``K, C`` (INGD, or
   IKFAC with ``kfac_like=True``), with Riemannian momentum and ``normalize_lr_cov``.
@@ -226,8 +227,8 @@ def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
 def gram_route(F: StructuredMatrix) -> bool:
     """Whether ``Pi(F^T X^T X F)`` is cheaper from ``X^T X`` when X has more rows than
     columns: dense-storage factors, and the other non-diagonal factors up to
-    ``DENSE_GRAM_MAX`` (one BLAS Gram and a projection beat their structured row products;
-    Toeplitz conv statistics 4x; block-diagonal conv statistics skip the row matrix)."""
+    ``DENSE_GRAM_MAX`` (there one BLAS Gram and a projection cost less than their structured
+    row products, and block-diagonal conv statistics skip the row matrix)."""
     if isinstance(F, (Dense, Triangular)):
         return True
     return F.dim <= DENSE_GRAM_MAX and not isinstance(F, Diagonal)

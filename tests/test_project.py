@@ -1,11 +1,13 @@
-"""Project-level checks: packaging metadata stays consistent."""
+"""Project-level checks: packaging metadata stays consistent; functions stay short."""
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +62,26 @@ def test_makefile_installs_with_the_constraints_file():
 def test_readme_opens_with_the_two_commands():
     head = (ROOT / "README.md").read_text().split("\n## ", 1)[0]
     assert "make demo" in head and "make test" in head
+
+
+#: Longest function (``def`` line to last line, decorators excluded) a package may hold.
+MAX_FUNCTION_LINES = 100
+
+
+def long_functions(package: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``path:line name (n lines)`` of every function in ``package`` longer than ``limit``."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    rel = path.relative_to(ROOT)
+                    found.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
+    return found
+
+
+@pytest.mark.parametrize("package", ["singd"])
+def test_no_function_is_longer_than_the_limit(package):
+    assert long_functions(package) == []

@@ -309,3 +309,37 @@ def test_an_explicit_wider_inverse_dtype_counts_its_working_copy_without_an_upca
     plain = KFAC(layer2, lr=0.01, damping=0.1, T=1)
     _kfac_step(plain, layer2, x2, y2)
     assert "A_upcast" not in plain.state_bytes()[""]
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "damping", "weight_decay", "T", "ema_decay"])
+def test_bools_are_not_numbers(key):
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=key):
+        KFAC(model, **{key: True})
+    assert not model[0]._forward_hooks
+    opt = KFAC(model, [*model[0].parameters()])
+    with pytest.raises(ValueError, match=key):
+        opt.add_param_group({"params": [*model[1].parameters()], key: True})
+    assert len(opt.param_groups) == 1
+
+
+def test_lr_scheduler_lr_takes_effect_and_load_state_dict_validates():
+    layer, x, y = _linear_problem()
+    opt = KFAC(layer, lr=0.1, damping=0.1, T=1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        ((layer(x) - y) ** 2).mean().backward()
+        opt.step()
+        sched.step()
+    before = layer.weight.detach().clone()
+    opt.zero_grad()
+    ((layer(x) - y) ** 2).mean().backward()
+    opt.step()
+    buf = opt.state[layer.weight]["momentum_buffer"]
+    torch.testing.assert_close(layer.weight.detach(), before - 0.025 * buf)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["damping"] = 0.0
+    with pytest.raises(ValueError, match="damping"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["damping"] == 0.1 and opt.steps == 3
