@@ -54,71 +54,136 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+#: Layer kinds :func:`find_layers` can return.
+LAYER_KINDS: tuple[str, ...] = ("Linear", "Conv2d", "Conv1D", "Embedding", "MultiheadAttention")
+#: The kinds returned unless a caller asks for more (the layers every optimizer handles).
+BASIC_KINDS: tuple[str, ...] = ("Linear", "Conv2d")
+
+
 @dataclass
 class Layer:
-    """A supported layer: weight ``W`` (d_C x d_in, conv kernels flattened) and optional bias."""
+    """A supported layer: weight ``W`` (d_C x d_in, conv kernels flattened) and optional bias.
+
+    ``W`` is the weight as the Linear layer it acts as: ``transposed`` marks parameters stored
+    as ``(d_in, d_C)`` (``transformers``' ``Conv1D``, ``nn.Embedding``), and ``weight_rows`` /
+    ``bias_rows`` mark a layer that is a row block of a larger parameter (the q, k, v parts of
+    ``nn.MultiheadAttention``'s packed ``in_proj_weight`` and ``in_proj_bias``).
+    """
 
     name: str
     module: nn.Module
     weight: nn.Parameter
     bias: nn.Parameter | None
+    #: ``"Linear"``, ``"Conv2d"``, ``"Conv1D"``, ``"Embedding"`` or ``"MultiheadAttention"``
+    #: (None: from the module's type)
+    layer_kind: str | None = None
+    transposed: bool = False
+    weight_rows: slice | None = None
+    bias_rows: slice | None = None
+    #: structure K must have whatever the user chose (``"diagonal"`` for an embedding, whose
+    #: input is one-hot: ``a^T a`` is the diagonal of token counts); None: the user's choice
+    k_structure: str | None = None
 
     @property
     def kind(self) -> str:
-        """``"Linear"`` or ``"Conv2d"``."""
+        """``"Linear"``, ``"Conv2d"``, ``"Conv1D"``, ``"Embedding"`` or ``"MultiheadAttention"``."""
+        if self.layer_kind is not None:
+            return self.layer_kind
         return "Conv2d" if isinstance(self.module, nn.Conv2d) else "Linear"
+
+    @property
+    def sliced(self) -> bool:
+        """Whether the layer's weight or bias is a row block of a larger parameter."""
+        return self.weight_rows is not None or self.bias_rows is not None
+
+    def _weight_part(self, t: Tensor) -> Tensor:
+        """The layer's block of a tensor shaped like ``weight``."""
+        return t if self.weight_rows is None else t[self.weight_rows]
+
+    def _bias_part(self, t: Tensor) -> Tensor:
+        """The layer's block of a tensor shaped like ``bias``."""
+        return t if self.bias_rows is None else t[self.bias_rows]
 
     @property
     def in_dim(self) -> int:
         """d_K: flattened input size, plus one for the bias."""
-        return math.prod(self.weight.shape[1:]) + (self.bias is not None)
+        w = self._weight_part(self.weight)
+        d_in = w.shape[0] if self.transposed else math.prod(w.shape[1:])
+        return d_in + (self.bias is not None)
 
     @property
     def out_dim(self) -> int:
         """d_C: number of output features / channels."""
-        return self.weight.shape[0]
+        w = self._weight_part(self.weight)
+        return w.shape[1] if self.transposed else w.shape[0]
 
     def params(self) -> list[nn.Parameter]:
-        """The layer's trainable parameters, weight first."""
+        """The layer's trainable parameters, weight first (whole parameters, also for a
+        sliced layer: see :meth:`parts`)."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def parts(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The layer's blocks (views) of tensors shaped like ``params()``: the tensors
+        themselves unless the layer is sliced."""
+        if not self.sliced:
+            return list(tensors)
+        out = [self._weight_part(tensors[0])]
+        if self.bias is not None:
+            out.append(self._bias_part(tensors[1]))
+        return out
 
     def grad_matrix(self) -> Tensor | None:
         """``[grad W, grad b]`` as a ``d_C x d_K`` matrix (a copy), or None without a gradient."""
         gw = self.weight.grad
         if gw is None:
             return None
-        if gw.dim() != 2:
+        if gw.is_sparse:
+            gw = gw.to_dense()
+        gw = self._weight_part(gw)
+        if self.transposed:
+            gw = gw.T
+        elif gw.dim() != 2:
             gw = gw.reshape(self.out_dim, -1)
         if self.bias is None:
             return gw.clone()
         gb = self.bias.grad
         if gb is None:
             gb = torch.zeros(self.out_dim, dtype=gw.dtype, device=gw.device)
+        else:
+            gb = self._bias_part(gb)
         if gb.dtype != gw.dtype:
             gb = gb.to(gw.dtype)
         return torch.cat([gw, gb.unsqueeze(1)], dim=1)
 
     def diagonal_scales(self, left: Tensor, right: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Views of ``left`` (length d_C) and ``right`` (length d_K) that broadcast against
-        ``params()``: ``left_i * grad_i * right_i`` is ``diag(left) G diag(right)`` split like
-        the parameters (no ``d_C x d_K`` matrix is formed)."""
-        w = self.weight
-        n = math.prod(w.shape[1:])
-        lefts = [left.view(-1, *([1] * (w.dim() - 1)))]
-        rights = [right[:n].view(1, *w.shape[1:])]
+        ``parts(params())``: ``left_i * grad_i * right_i`` is ``diag(left) G diag(right)`` split
+        like the parameters (no ``d_C x d_K`` matrix is formed)."""
+        w = self._weight_part(self.weight)
+        if self.transposed:
+            n = w.shape[0]
+            lefts, rights = [left.view(1, -1)], [right[:n].view(-1, 1)]
+        else:
+            n = math.prod(w.shape[1:])
+            lefts = [left.view(-1, *([1] * (w.dim() - 1)))]
+            rights = [right[:n].view(1, *w.shape[1:])]
         if self.bias is not None:
             lefts.append(left)
             rights.append(right[n])
         return lefts, rights
 
     def split(self, mat: Tensor) -> list[Tensor]:
-        """Split a ``d_C x d_K`` matrix into tensors shaped like ``params()`` (views where
-        the strides allow: a Linear layer's are a slice and a column)."""
-        if self.bias is None:
-            return [mat if self.weight.dim() == 2 else mat.reshape(self.weight.shape)]
-        n = mat.shape[1] - 1
-        w = mat[:, :n] if self.weight.dim() == 2 else mat[:, :n].reshape(self.weight.shape)
-        return [w, mat[:, n]]
+        """Split a ``d_C x d_K`` matrix into tensors shaped like ``parts(params())`` (views
+        where the strides allow: a Linear layer's are a slice and a column, a transposed
+        layer's weight part a transposed slice)."""
+        w_shape = self._weight_part(self.weight).shape
+        n = mat.shape[1] - (self.bias is not None)
+        w = mat if self.bias is None else mat[:, :n]
+        if self.transposed:
+            w = w.T
+        elif len(w_shape) != 2:
+            w = w.reshape(w_shape)
+        return [w] if self.bias is None else [w, mat[:, n]]
 
 
 @dataclass
@@ -136,14 +201,75 @@ def _is_hooked_linear(name: str, module: nn.Module, parents: dict[str, nn.Module
     return not (isinstance(parent, nn.MultiheadAttention) and name.endswith("out_proj"))
 
 
-def find_layers(model: nn.Module, trainable: Iterable[nn.Parameter]) -> LayerSearch:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is ``transformers``' ``Conv1D`` (a Linear storing its weight as
+    ``(in, out)``, used by GPT-2), recognised by class name, package and weight shape without
+    importing ``transformers``."""
+    named = any(
+        c.__name__ == "Conv1D" and c.__module__.split(".")[0] == "transformers"
+        for c in type(module).__mro__
+    )
+    if not named:
+        return False
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        isinstance(w, nn.Parameter)
+        and w.dim() == 2
+        and getattr(module, "nf", w.shape[1]) == w.shape[1]
+        and (b is None or (isinstance(b, nn.Parameter) and tuple(b.shape) == (w.shape[1],)))
+    )
+
+
+def _embedding_issue(module: nn.Embedding) -> str | None:
+    """Why an embedding cannot be preconditioned (None: it can)."""
+    if module.sparse:
+        return "Embedding(sparse=True): sparse gradients are not preconditioned"
+    if module.scale_grad_by_freq:
+        return "Embedding(scale_grad_by_freq=True): its gradient is not a one-hot Linear's"
+    return None
+
+
+def _attention_parts(
+    name: str, module: nn.MultiheadAttention
+) -> list[tuple[str, str, nn.Parameter, nn.Parameter | None, slice | None, slice | None]]:
+    """The projections of an ``nn.MultiheadAttention``: (layer name, role, weight, bias,
+    weight rows, bias rows); the packed in-projection is split into its q, k, v blocks."""
+    prefix = f"{name}." if name else ""
+    E = module.embed_dim
+    blocks = {r: slice(i * E, (i + 1) * E) for i, r in enumerate("qkv")}
+    bias = module.in_proj_bias
+    parts = []
+    for r in "qkv":
+        brows = None if bias is None else blocks[r]
+        if module.in_proj_weight is not None:
+            parts.append((f"{prefix}{r}_proj", r, module.in_proj_weight, bias, blocks[r], brows))
+        else:
+            weight = getattr(module, f"{r}_proj_weight")
+            parts.append((f"{prefix}{r}_proj", r, weight, bias, None, brows))
+    out = module.out_proj
+    parts.append((f"{prefix}out_proj", "out", out.weight, out.bias, None, None))
+    return parts
+
+
+def find_layers(
+    model: nn.Module, trainable: Iterable[nn.Parameter], kinds: Iterable[str] = BASIC_KINDS
+) -> LayerSearch:
     """Supported layers whose weight is in ``trainable``, and the remaining trainable
     parameters with the reason they are not handled by a supported layer.
 
-    A layer is supported when it is an ``nn.Linear`` or ``nn.Conv2d`` (not the ``out_proj`` of
-    an ``nn.MultiheadAttention``, whose forward never runs), its weight is trainable, and its
-    weight and bias are used by no other module (tied parameters go to the fallback).
+    ``kinds`` (a subset of :data:`LAYER_KINDS`) says which layers count as supported:
+    ``nn.Linear`` and ``nn.Conv2d``; ``transformers``' ``Conv1D`` (transposed weight);
+    ``nn.Embedding`` (one-hot input; not with ``sparse=True`` or ``scale_grad_by_freq=True``);
+    ``nn.MultiheadAttention`` (layers ``<name>.q_proj``, ``.k_proj``, ``.v_proj`` for the
+    blocks of the in-projection, packed or separate, and ``<name>.out_proj``; their rows come
+    from the autograd graph of the attention's forward, see :class:`AttentionTap`). A layer
+    needs a trainable weight and bias used by no other module: a parameter shared by several
+    modules (tied weights) goes to the fallback, where it gets one update.
     """
+    kinds = frozenset(kinds)
+    unknown = kinds - set(LAYER_KINDS)
+    if unknown:
+        raise ValueError(f"kinds: unknown layer kinds {sorted(unknown)}; valid: {LAYER_KINDS}")
     model = unwrap_model(model)
     trainable_ids = {id(p) for p in trainable}
     owners: dict[int, int] = {}
@@ -153,22 +279,41 @@ def find_layers(model: nn.Module, trainable: Iterable[nn.Parameter]) -> LayerSea
     modules = dict(model.named_modules())
     search = LayerSearch()
     claimed: set[int] = set()
-    for name, module in modules.items():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        if isinstance(module, nn.Conv2d) and module.weight.dim() != 4:
-            continue
-        weight, bias = module.weight, module.bias
-        if id(weight) not in trainable_ids or not weight.requires_grad:
-            continue
-        if not _is_hooked_linear(name, module, modules):
-            continue
+
+    def usable(weight: nn.Parameter | None, bias: nn.Parameter | None) -> bool:
+        if weight is None or id(weight) not in trainable_ids or not weight.requires_grad:
+            return False
         if bias is not None and not bias.requires_grad:
-            continue
-        if any(owners.get(id(p), 0) > 1 for p in (weight, bias) if p is not None):
-            continue
-        search.layers[name] = Layer(name, module, weight, bias)
-        claimed.update(id(p) for p in (weight, bias) if p is not None)
+            return False
+        return all(owners.get(id(p), 0) <= 1 for p in (weight, bias) if p is not None)
+
+    def add(layer: Layer) -> None:
+        search.layers[layer.name] = layer
+        claimed.update(id(p) for p in layer.params())
+
+    for name, module in modules.items():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+            if kind not in kinds or (kind == "Conv2d" and module.weight.dim() != 4):
+                continue
+            if not _is_hooked_linear(name, module, modules):
+                continue
+            if usable(module.weight, module.bias):
+                add(Layer(name, module, module.weight, module.bias))
+        elif "Conv1D" in kinds and is_conv1d(module):
+            if usable(module.weight, module.bias):
+                add(Layer(name, module, module.weight, module.bias, "Conv1D", transposed=True))
+        elif "Embedding" in kinds and isinstance(module, nn.Embedding):
+            if _embedding_issue(module) is None and usable(module.weight, None):
+                layer = Layer(name, module, module.weight, None, "Embedding", transposed=True)
+                layer.k_structure = "diagonal"
+                add(layer)
+        elif "MultiheadAttention" in kinds and isinstance(module, nn.MultiheadAttention):
+            tap = AttentionTap(module)
+            for lname, role, weight, bias, wrows, brows in _attention_parts(name, module):
+                if usable(weight, bias):
+                    proj = AttentionProjection(tap, role, weight, bias, wrows)
+                    add(Layer(lname, proj, weight, bias, "MultiheadAttention", False, wrows, brows))
     seen: set[int] = set()
     for mname, module in modules.items():
         for pname, p in module.named_parameters(recurse=False):
@@ -176,7 +321,7 @@ def find_layers(model: nn.Module, trainable: Iterable[nn.Parameter]) -> LayerSea
                 continue
             seen.add(id(p))
             qual = f"{mname}.{pname}" if mname else pname
-            reason = _reason(mname, module, modules, owners, p)
+            reason = _reason(mname, module, modules, owners, p, kinds)
             search.others[qual] = (p, reason)
     return search
 
@@ -187,13 +332,29 @@ def _reason(
     modules: dict[str, nn.Module],
     owners: dict[int, int],
     p: nn.Parameter,
+    kinds: frozenset[str] = frozenset(BASIC_KINDS),
 ) -> str:
     """Why a trainable parameter is not preconditioned (for the fallback warning)."""
     if owners.get(id(p), 0) > 1:
         return "shared by several modules"
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        if not _is_hooked_linear(name, module, modules):
+    supported = isinstance(module, (nn.Linear, nn.Conv2d)) and (
+        ("Conv2d" if isinstance(module, nn.Conv2d) else "Linear") in kinds
+    )
+    if isinstance(module, nn.Linear) and not _is_hooked_linear(name, module, modules):
+        if "MultiheadAttention" not in kinds:
             return "MultiheadAttention.out_proj (its forward is never called)"
+        supported = True
+    if isinstance(module, nn.Embedding) and "Embedding" in kinds:
+        issue = _embedding_issue(module)
+        if issue is not None:
+            return issue
+        supported = True
+    if isinstance(module, nn.MultiheadAttention) and "MultiheadAttention" in kinds:
+        if p is module.bias_k or p is module.bias_v:
+            return "MultiheadAttention.bias_k / bias_v (free parameters)"
+        supported = True
+    supported = supported or ("Conv1D" in kinds and is_conv1d(module))
+    if supported:
         return "its layer's weight or bias is frozen"
     return f"{type(module).__name__} is not a supported layer"
 
@@ -261,8 +422,14 @@ def input_rows(module: nn.Module, x: Tensor, kfac_approx: str = "expand") -> Ten
     Linear: ``expand`` flattens all leading dims into rows; ``reduce`` averages over the
     dims between the first (batch) and the last. Conv2d: unfolded patches, one row per
     (sample, output position, group) for ``expand``; averaged over output positions for
-    ``reduce`` (one row per (sample, group)).
+    ``reduce`` (one row per (sample, group)). Embedding: the one-hot rows of the indices
+    (zero at ``padding_idx``, whose row gets no gradient), then as Linear.
     """
+    if isinstance(module, nn.Embedding):
+        rows = one_hot_rows(module, x)
+        if kfac_approx == "expand" or x.dim() <= 1:
+            return rows
+        return rows.reshape(x.shape[0], -1, rows.shape[1]).mean(dim=1)
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:
             x = x.unsqueeze(0)
@@ -367,6 +534,8 @@ def input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple
     the row count, without building the rows (Conv2d: see :func:`conv_input_square_sums`)."""
     if isinstance(module, nn.Conv2d):
         return conv_input_square_sums(module, x, dtype)
+    if isinstance(module, nn.Embedding):
+        return token_counts(module, x, dtype), x.numel()
     if x.dim() != 2:
         x = x.reshape(-1, x.shape[-1])
     if x.dtype != dtype:
@@ -376,6 +545,24 @@ def input_square_sums(module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple
     if module.bias is not None:
         sq = torch.cat([sq, cached_constant((float(rows),), sq.dtype, sq.device)])
     return sq, rows
+
+
+def one_hot_rows(module: nn.Embedding, idx: Tensor) -> Tensor:
+    """The one-hot rows ``(R, num_embeddings)`` of an embedding's indices in the weight's
+    dtype: the input of the Linear layer the embedding is (zero at ``padding_idx``)."""
+    rows = F.one_hot(idx.reshape(-1), module.num_embeddings).to(module.weight.dtype)
+    if module.padding_idx is not None:
+        rows[:, module.padding_idx] = 0
+    return rows
+
+
+def token_counts(module: nn.Embedding, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """How often each vocabulary entry occurs in ``idx`` (0 for ``padding_idx``): the column
+    sums of squares of the one-hot rows, all a diagonal K needs."""
+    counts = torch.bincount(idx.reshape(-1), minlength=module.num_embeddings).to(dtype)
+    if module.padding_idx is not None:
+        counts[module.padding_idx] = 0
+    return counts
 
 
 @functools.lru_cache(maxsize=16)
@@ -463,9 +650,13 @@ class Capture:
                 self._handles.pop(name).remove()
         for name in wanted:
             if name not in self._handles:
-                self._handles[name] = self.modules[name].register_forward_hook(
-                    self._make_hook(name)
-                )
+                module = self.modules[name]
+                if isinstance(module, AttentionProjection):
+                    self._handles[name] = module.tap.subscribe(
+                        name, module, self.callback, self.fired
+                    )
+                else:
+                    self._handles[name] = module.register_forward_hook(self._make_hook(name))
 
     def detach(self) -> None:
         """Remove every hook."""
@@ -493,3 +684,210 @@ class Capture:
             output.register_hook(tensor_hook)
 
         return forward_hook
+
+
+# ---------------------------------------------------------------------- attention
+#: Autograd nodes of ``F.linear`` whose saved operands are ``(input, weight^T)``; the value
+#: is the attribute holding the saved input (the weight always requires grad, so it is saved).
+_MATMUL_NODES = {"AddmmBackward0": "_saved_mat1", "MmBackward0": "_saved_self"}
+#: Nodes between a matmul's weight operand and the parameter that keep its rows.
+_PASS_NODES = frozenset(
+    {"TBackward0", "TransposeBackward0", "ToCopyBackward0", "AliasBackward0", "CloneBackward0"}
+)
+_LEAF_NODE = "torch::autograd::AccumulateGrad"
+
+
+class AttentionProjection:
+    """One projection of an ``nn.MultiheadAttention`` (the q, k or v block of the
+    in-projection, or ``out_proj``) as the "module" of a :class:`Layer`: a Linear with
+    ``weight`` (``rows`` of it for a packed in-projection) and ``bias`` (None without), whose
+    rows :class:`AttentionTap` finds in the attention's autograd graph."""
+
+    def __init__(
+        self,
+        tap: AttentionTap,
+        role: str,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        rows: slice | None,
+    ) -> None:
+        """Remember the attention's tap, the role (``"q"``, ``"k"``, ``"v"``, ``"out"``),
+        the parameters and the weight rows (None: all)."""
+        self.tap = tap
+        self.role = role
+        self.weight = weight
+        self.bias = bias
+        start = 0 if rows is None else rows.start
+        stop = weight.shape[0] if rows is None else rows.stop
+        self.rows = (start, stop)
+
+    def __repr__(self) -> str:
+        return f"AttentionProjection({self.role}, rows={self.rows})"
+
+
+class _Subscription:
+    """A removable registration of one layer with an :class:`AttentionTap`."""
+
+    def __init__(self, tap: AttentionTap, key: object) -> None:
+        self.tap, self.key = tap, key
+
+    def remove(self) -> None:
+        """Stop capturing this layer (the tap's hook goes when no layer is left)."""
+        self.tap._unsubscribe(self.key)
+
+
+class AttentionTap:
+    """Captures the rows ``a`` and ``g`` of an ``nn.MultiheadAttention``'s projections.
+
+    The module calls ``F.multi_head_attention_forward`` with its weights, so no projection
+    has a forward of its own to hook. While some projection is subscribed, a forward hook on
+    the attention walks the autograd graph of its outputs back to the inputs and finds the
+    matrix products (``AddmmBackward0``/``MmBackward0``) whose weight operand comes from a
+    projection's parameter (through transposes, dtype casts and the ``split``/``chunk`` of a
+    packed weight, which give the row block). Their saved input operand is ``a`` (the
+    projection input, no copy) and a pre-hook on the node receives the gradient w.r.t. the
+    product, ``g``: exactly the rows of the Linear layer each projection is, for self- and
+    cross-attention, packed or separate weights, with or without bias, either ``batch_first``.
+    The module itself is never changed (same outputs, same ``state_dict``). Rows are handed
+    on as ``(batch, sequence, features)`` (2-d for an unbatched input).
+    """
+
+    def __init__(self, module: nn.MultiheadAttention) -> None:
+        """Remember the attention module; nothing is hooked yet."""
+        self.module = module
+        self._subscribers: dict[object, tuple[str, AttentionProjection, CaptureCallback, set]]
+        self._subscribers = {}
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def subscribe(
+        self, name: str, proj: AttentionProjection, callback: CaptureCallback, fired: set[str]
+    ) -> _Subscription:
+        """Hand the rows of ``proj`` to ``callback(name, a, g)`` once per forward/backward
+        (and add ``name`` to ``fired`` on its forward) until the returned handle is removed."""
+        key = object()
+        self._subscribers[key] = (name, proj, callback, fired)
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._forward_hook, with_kwargs=True)
+        return _Subscription(self, key)
+
+    def _unsubscribe(self, key: object) -> None:
+        """Drop one subscription; remove the forward hook with the last one."""
+        self._subscribers.pop(key, None)
+        if not self._subscribers and self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Find the projection products of this forward and register their pre-hooks."""
+        if not torch.is_grad_enabled() or not self._subscribers:
+            return
+        outputs = output if isinstance(output, tuple) else (output,)
+        roots = [t.grad_fn for t in outputs if isinstance(t, Tensor) and t.grad_fn is not None]
+        if not roots:
+            return
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+        inputs = dict(zip(names, args))
+        inputs.update(kwargs)
+        query = inputs.get("query")
+        stops = {
+            t.grad_fn
+            for k in ("query", "key", "value", "attn_mask")
+            if isinstance(t := inputs.get(k), Tensor) and t.grad_fn is not None
+        }
+        batch = None
+        if isinstance(query, Tensor) and query.dim() == 3:
+            batch = query.shape[0] if getattr(module, "batch_first", False) else query.shape[1]
+        products = _projection_products(roots, stops)
+        for node, saved, param, start, stop in products:
+            served = []
+            for name, proj, callback, fired in self._subscribers.values():
+                p0, p1 = proj.rows
+                if proj.weight is param and start <= p0 and p1 <= stop:
+                    served.append((name, callback, p0 - start, p1 - start, stop - start))
+                    fired.add(name)
+            if served:
+                node.register_prehook(_row_prehook(saved, batch, served))
+
+
+def _weight_source(node: Any, output_nr: int) -> tuple[Tensor, int, int] | None:
+    """The parameter behind a matmul's weight operand and the rows ``[start, stop)`` of it
+    that the operand holds, or None when the operand does not come from a parameter."""
+    start, length = 0, None
+    while node is not None:
+        kind = node.name()
+        if kind == _LEAF_NODE:
+            var = node.variable
+            return var, start, start + (var.shape[0] - start if length is None else length)
+        if kind in _PASS_NODES:
+            node, output_nr = node.next_functions[0]
+            continue
+        if kind == "SplitWithSizesBackward0" and node._saved_dim == 0:
+            sizes = list(node._saved_split_sizes)
+            start += sum(sizes[:output_nr])
+            length = sizes[output_nr] if length is None else length
+        elif kind == "SplitBackward0" and node._saved_dim == 0:
+            size, total = int(node._saved_split_size), int(node._saved_self_sym_sizes[0])
+            start += size * output_nr
+            length = min(size, total - size * output_nr) if length is None else length
+        elif kind == "SliceBackward0" and node._saved_dim == 0 and node._saved_step == 1:
+            total = int(node._saved_self_sym_sizes[0])
+            lo = int(node._saved_start)
+            lo = max(lo + total, 0) if lo < 0 else min(lo, total)
+            hi = int(node._saved_end)
+            hi = max(hi + total, 0) if hi < 0 else min(hi, total)
+            start += lo
+            length = hi - lo if length is None else length
+        else:
+            return None
+        node, output_nr = node.next_functions[0]
+    return None
+
+
+def _projection_products(
+    roots: list[Any], stops: set[Any]
+) -> list[tuple[Any, Tensor, Tensor, int, int]]:
+    """The matmul nodes between ``roots`` and ``stops`` whose weight operand comes from a
+    parameter: ``(node, saved input, parameter, first row, end row)``. The walk does not go
+    past ``stops`` (the attention's inputs) into the rest of the model."""
+    found = []
+    seen: set[Any] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        attr = _MATMUL_NODES.get(node.name())
+        if attr is not None:
+            weight_node, nr = node.next_functions[-1]
+            source = _weight_source(weight_node, nr)
+            saved = getattr(node, attr)
+            if source is not None and isinstance(saved, Tensor):
+                found.append((node, saved, *source))
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _row_prehook(
+    saved: Tensor, batch: int | None, served: list[tuple[str, CaptureCallback, int, int, int]]
+) -> Callable[[tuple], None]:
+    """The pre-hook of one projection product: splits the gradient w.r.t. the product into
+    the blocks of the layers it serves and hands them on with the product's input."""
+
+    def rows(t: Tensor) -> Tensor:
+        # rows are (sequence, batch) ordered: F.multi_head_attention_forward works seq-first
+        if batch is None or t.shape[0] % batch:
+            return t
+        return t.reshape(t.shape[0] // batch, batch, t.shape[1]).transpose(0, 1)
+
+    x = rows(saved.detach())
+
+    def prehook(grad_outputs: tuple) -> None:
+        g = grad_outputs[0]
+        if g is None:
+            return
+        g = rows(g)
+        for name, callback, c0, c1, width in served:
+            callback(name, x, g if (c0, c1) == (0, width) else g[..., c0:c1])
+
+    return prehook
