@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip setuptools wheel
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[notebooks,dev]'
+	$(PIP_INSTALL) -e '.[notebooks,dev,models]'
 	touch $(STAMP)
 
 # Browser tests drive Debian's chromium (never a downloaded browser). Install it where missing;
