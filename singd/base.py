@@ -242,8 +242,9 @@ class KroneckerOptimizer(Optimizer):
         """Forget statistics gathered since the last step."""
         raise NotImplementedError
 
-    def _step_once(self, step: int, scales: AmpScales) -> None:
-        """Update the preconditioner (where due) and the parameters for step ``step``."""
+    def _step_once(self, step: int, scales: AmpScales, configs: dict[int, Any]) -> None:
+        """Update the preconditioner (where due) and the parameters for step ``step``
+        (``configs``: ``id(group) -> config`` of every group)."""
         raise NotImplementedError
 
     def _factor_bytes(self, name: str, st: Any) -> dict[str, int]:
@@ -261,6 +262,10 @@ class KroneckerOptimizer(Optimizer):
         cfg = self._parse(group)
         self._configs[id(group)] = (values, cfg)
         return cfg
+
+    def _group_configs(self) -> dict[int, Any]:
+        """``id(group) -> config`` of every param group (for one step)."""
+        return {id(g): self._config(g) for g in self.param_groups}
 
     # ------------------------------------------------------------------ setup
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -330,12 +335,13 @@ class KroneckerOptimizer(Optimizer):
             )
 
     # ------------------------------------------------------------------ hooks
-    def _sync_hooks(self) -> None:
-        """Attach hooks exactly to the layers that collect statistics before the next step."""
+    def _sync_hooks(self, configs: dict[int, Any] | None = None) -> None:
+        """Attach hooks exactly to the layers that collect statistics before the next step
+        (``configs``: :meth:`_group_configs`, when the caller has them)."""
         step = self._step
-        period = {id(g): self._config(g).T for g in self.param_groups}
+        configs = self._group_configs() if configs is None else configs
         self._capture.attach(
-            n for n, st in self._layers.items() if step % period[id(st.group)] == 0
+            n for n, st in self._layers.items() if step % configs[id(st.group)].T == 0
         )
         self._capture.clear_fired()
 
@@ -383,10 +389,11 @@ class KroneckerOptimizer(Optimizer):
             )
         scales = self._amp_scales()
         step = self._step
-        self._step_once(step, scales)
+        configs = self._group_configs()
+        self._step_once(step, scales, configs)
         self._drop_statistics()
         self._step = step + 1
-        self._sync_hooks()
+        self._sync_hooks(configs)
 
     def _amp_scales(self) -> AmpScales:
         """This step's GradScaler scales (see :func:`amp_scales`)."""

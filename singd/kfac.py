@@ -336,7 +336,7 @@ class KFAC(KroneckerOptimizer):
         state["factor_updates"] += 1
 
     # ------------------------------------------------------------------ step
-    def _step_once(self, step: int, scales: AmpScales) -> None:
+    def _step_once(self, step: int, scales: AmpScales, configs: dict[int, KFACConfig]) -> None:
         """Update factors/inverses of the layers with statistics, then precondition."""
         # the gradients (and the captured g) are still scaled, unless the user called
         # scaler.unscale_(opt) first: then only the statistics are
@@ -345,7 +345,6 @@ class KFAC(KroneckerOptimizer):
         if scales.skip:
             return
         stat_scale = self._last_scale if scales.stat_div is None else scales.stat_div
-        configs = {id(g): self._config(g) for g in self.param_groups}
         batches = {key: FirstOrderBatch([], []) for key in configs}
         for name, rec in self._layers.items():
             layer, cfg = rec.layer, configs[id(rec.group)]

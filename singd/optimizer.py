@@ -364,13 +364,13 @@ class SINGD(KroneckerOptimizer):
             st.acc_K = st.acc_C = None
 
     # ------------------------------------------------------------------ step
-    def _step_once(self, step: int, scales: AmpScales) -> None:
+    def _step_once(self, step: int, scales: AmpScales, configs: dict[int, SINGDConfig]) -> None:
         """Update K and C (on layers due at ``step``), then the parameters."""
         if scales.stat_div is None:
             self._warn_unknown_scale()
         if not scales.skip:
-            self._update_preconditioners(step, scales.stat_div)
-            self._update_parameters(scales.grad_div)
+            self._update_preconditioners(step, scales.stat_div, configs)
+            self._update_parameters(scales.grad_div, configs)
 
     def _warn_unknown_scale(self) -> None:
         """Warn once that the statistics' loss scale is each group's init_grad_scale."""
@@ -387,12 +387,14 @@ class SINGD(KroneckerOptimizer):
             stacklevel=5,
         )
 
-    def _due_statistics(self, step: int, stat_div: float | None) -> list[_Due]:
+    def _due_statistics(
+        self, step: int, stat_div: float | None, configs: dict[int, SINGDConfig]
+    ) -> list[_Due]:
         """The layers due at ``step`` that gathered statistics, with their statistics
         finished (``stat_div`` None: each group's init_grad_scale)."""
         due = []
         for name, st in self._layers.items():
-            cfg = self._config(st.group)
+            cfg = configs[id(st.group)]
             if step % cfg.T != 0:
                 continue
             if st.acc_K is None or st.acc_C is None:
@@ -429,9 +431,11 @@ class SINGD(KroneckerOptimizer):
         ranks = self.reduce_statistics.owners([(d.state.K, d.state.C) for d in due])
         return _Ownership(ranks, self.reduce_statistics.rank())
 
-    def _update_preconditioners(self, step: int, stat_div: float | None) -> None:
+    def _update_preconditioners(
+        self, step: int, stat_div: float | None, configs: dict[int, SINGDConfig]
+    ) -> None:
         """Finalise the statistics, reduce them across ranks, update K and C."""
-        due = self._due_statistics(step, stat_div)
+        due = self._due_statistics(step, stat_div, configs)
         if not due:
             return
         if self.reduce_statistics is not None:
@@ -537,9 +541,8 @@ class SINGD(KroneckerOptimizer):
             st.gram_K = gram(st.K) if isinstance(st.K, BlockDiagonal) else None
             st.gram_C = gram(st.C) if isinstance(st.C, BlockDiagonal) else None
 
-    def _update_parameters(self, grad_div: float) -> None:
+    def _update_parameters(self, grad_div: float, configs: dict[int, SINGDConfig]) -> None:
         """Precondition the layer gradients and apply the heavy-ball update, per group."""
-        configs = {id(g): self._config(g) for g in self.param_groups}
         batches = {key: FirstOrderBatch([], []) for key in configs}
         diagonal: dict[int, _DiagonalGrads] = {}
         for st in self._layers.values():
