@@ -1,6 +1,8 @@
 """`dashboard`: an ipywidgets dashboard over recordings, optionally live while training runs.
 
-Dropdowns pick the run, layer and factor, a slider picks the step; ``go.FigureWidget``s
+Dropdowns pick the run, layer and factor (preconditioning factors only; it opens on the first
+factor that failed, else the worst conditioned one), a slider picks the step (a typed step snaps
+to the nearest recorded one); ``go.FigureWidget``s
 (plotly >= 6 needs ``anywidget``) show the spectrum at that step, the condition number
 over steps, the training curves, NaN/Inf events and the memory breakdown. With
 ``live=True`` the dashboard listens to a `Recorder` and redraws after every recorded step,
@@ -19,6 +21,15 @@ import plotly.graph_objects as go
 from diagnostics.record.recorder import Recorder
 from diagnostics.record.recording import Recording
 from diagnostics.views.figures import PALETTE, as_recordings, events_figure, memory_figure
+from diagnostics.views.style import (
+    LOG_AXIS,
+    damped_condition,
+    first_failure,
+    layer_labels,
+    log_range_decades,
+    preconditioning_factors,
+    worst_conditioned,
+)
 
 _NONE = "(none)"
 #: Width of each figure in pixels: two of them side by side (1230 px with gaps) fit the
@@ -59,21 +70,24 @@ class Dashboard(widgets.VBox):
         self.run = widgets.Dropdown(description="run")
         self.layer = widgets.Dropdown(description="layer")
         self.factor = widgets.Dropdown(description="factor")
-        self.step_slider = widgets.SelectionSlider(
+        self.steps: list[int] = [0]
+        self.step_slider = widgets.IntSlider(
             description="step",
-            options=[0],
+            value=0,
+            min=0,
+            max=0,
             continuous_update=False,
             layout=widgets.Layout(width="100%", max_width=f"{2 * FIGURE_WIDTH}px"),
         )
         self.status = widgets.HTML()
         self.spectrum = go.FigureWidget(
-            layout={"title": {"text": "Spectrum at step"}, "yaxis": {"type": "log"},
+            layout={"title": {"text": "Spectrum at step"}, "yaxis": LOG_AXIS,
                     "xaxis": {"title": {"text": "eigenvalue rank (0 = largest)"}},
                     "height": 330, "margin": {"t": 50}},
         )  # fmt: skip
         self.spectrum.add_scatter(mode="lines+markers", name="eigenvalues")
         self.condition = go.FigureWidget(
-            layout={"title": {"text": "Condition number"}, "yaxis": {"type": "log"},
+            layout={"title": {"text": "Condition number"}, "yaxis": LOG_AXIS,
                     "xaxis": {"title": {"text": "step"}}, "height": 330,
                     "margin": {"t": 50}},
         )  # fmt: skip
@@ -110,6 +124,7 @@ class Dashboard(widgets.VBox):
             [controls, self.step_slider, self.status, self.figures],
             layout=widgets.Layout(width="100%", max_width="100%", overflow="hidden"),
         )
+        self._open_on_interesting()
         self.refresh()
         if live:
             for r in self._recorders:
@@ -151,8 +166,10 @@ class Dashboard(widgets.VBox):
     def _fill_layers(self) -> None:
         rec = self._current()
         layers = _factor_layers(rec) if rec is not None else []
-        opts = layers or [_NONE]
-        keep = self.layer.value if self.layer.value in opts else opts[0]
+        labels = layer_labels(rec) if rec is not None else {}
+        opts = [(labels.get(ly, ly), ly) for ly in layers] or [(_NONE, _NONE)]
+        values = [v for _, v in opts]
+        keep = self.layer.value if self.layer.value in values else values[0]
         self.layer.options = opts
         self.layer.value = keep
         self._fill_factors()
@@ -161,28 +178,57 @@ class Dashboard(widgets.VBox):
         rec = self._current()
         opts = [_NONE]
         if rec is not None and self.layer.value != _NONE:
-            m = rec.metrics
-            fs = m[(m["layer"] == self.layer.value) & (m["metric"] == "cond")]["factor"]
-            opts = list(dict.fromkeys(fs.tolist())) or [_NONE]
+            pairs = preconditioning_factors(rec)
+            opts = [fa for ly, fa in pairs if ly == self.layer.value] or [_NONE]
         keep = self.factor.value if self.factor.value in opts else opts[0]
         self.factor.options = opts
         self.factor.value = keep
         self._fill_steps()
 
     def _fill_steps(self) -> None:
-        """Slider options = recorded steps; it starts at the last one and, while it stays at
-        the last one, follows new steps (a step picked by hand is kept if still there)."""
+        """The slider spans the recorded steps (its stride their common spacing); it starts at
+        the last one and, while it stays at the last one, follows new steps (a step picked by
+        hand is kept if still there)."""
         rec = self._current()
         steps = [0]
         if rec is not None and len(rec.steps):
             rs = rec.steps[rec.steps["recorded"]]["step"].tolist()
-            steps = rs or rec.steps["step"].tolist()
-        old = self.step_slider.value
-        old_opts = self.step_slider.options
-        at_end = not self._steps_filled or not old_opts or old == old_opts[-1]
-        self.step_slider.options = steps
-        self.step_slider.value = old if old in steps and not at_end else steps[-1]
+            steps = sorted(rs or rec.steps["step"].tolist())
+        old, old_steps = self.step_slider.value, self.steps
+        at_end = not self._steps_filled or old == old_steps[-1]
+        self.steps = steps
+        stride = math.gcd(*[b - a for a, b in zip(steps, steps[1:])]) if len(steps) > 1 else 1
+        slider = self.step_slider
+        with slider.hold_trait_notifications():
+            slider.min, slider.max = min(slider.min, steps[0]), max(slider.max, steps[-1])
+            slider.value = old if old in steps and not at_end else steps[-1]
+            slider.min, slider.max, slider.step = steps[0], steps[-1], max(stride, 1)
         self._steps_filled = True
+
+    def _nearest_step(self, step: int) -> int:
+        """The recorded step nearest to ``step`` (the earlier one on a tie)."""
+        return min(self.steps, key=lambda s: (abs(s - step), s))
+
+    def _open_on_interesting(self) -> None:
+        """Select the first factor that failed (the earliest event's or error's layer), else
+        the worst conditioned preconditioning factor of any run."""
+        choice = _interesting(self._recordings())
+        if choice is None:
+            return
+        run, layer, factor = choice
+        self._busy = True
+        try:
+            self._recs = self._recordings()
+            self.run.options = [r.name for r in self._recs]
+            self.run.value = run
+            self._fill_layers()
+            if layer in [v for _, v in self.layer.options]:
+                self.layer.value = layer
+                self._fill_factors()
+                if factor in self.factor.options:
+                    self.factor.value = factor
+        finally:
+            self._busy = False
 
     # ------------------------------------------------------------------ drawing
     def _draw_all(self) -> None:
@@ -217,16 +263,17 @@ class Dashboard(widgets.VBox):
             sp = rec.spectra
             sel = sp[(sp["layer"] == layer) & (sp["factor"] == factor) & (sp["step"] == step)]
             xs, eig = sel["index"].tolist(), sel["value"].tolist()
-            c = rec.metric("cond", layer=layer, factor=factor).sort_values("step")
-            cond_x, cond_y = c["step"].tolist(), _finite(c["value"].tolist())
+            series = damped_condition(rec).get((layer, factor), [])
+            cond_x, cond_y = [s for s, _ in series], _finite([c for _, c in series])
+        where = layer_labels(rec).get(layer, layer) if rec is not None else layer
         with self.spectrum.batch_update():
             self.spectrum.data[0].x = xs
             self.spectrum.data[0].y = [v if v > 0 else None for v in eig]
-            self.spectrum.layout.title.text = f"Spectrum of {factor} · layer {layer} at step {step}"
+            self.spectrum.layout.title.text = f"Spectrum of {factor} · {where} at step {step}"
         with self.condition.batch_update():
             self.condition.data[0].x = cond_x
             self.condition.data[0].y = cond_y
-            self.condition.layout.title.text = f"Condition number of {factor} · layer {layer}"
+            self.condition.layout.title.text = f"Condition number of {factor} · {where}"
             self.condition.layout.shapes = [_vline(step)]
 
     def _draw_curves(self) -> None:
@@ -242,6 +289,9 @@ class Dashboard(widgets.VBox):
                     line={"color": PALETTE[i % len(PALETTE)]},
                 )
             self.curves.layout.shapes = [_vline(self.step_slider.value)]
+            losses = [v for r in self._recs for v in r.steps["loss"].tolist()]
+            log = log_range_decades(losses) > 3
+            self.curves.layout.yaxis = {**LOG_AXIS, "type": "log" if log else "linear"}
 
     # ------------------------------------------------------------------ events
     def _on_run(self, change: dict) -> None:
@@ -271,6 +321,10 @@ class Dashboard(widgets.VBox):
     def _on_step(self, change: dict) -> None:
         if self._busy:
             return
+        snapped = self._nearest_step(int(change["new"]))
+        if snapped != change["new"]:  # a typed step between recorded ones: move to the nearest
+            self.step_slider.value = snapped
+            return
         self._draw_selection()
         with self.curves.batch_update():
             self.curves.layout.shapes = [_vline(self.step_slider.value)]
@@ -284,9 +338,26 @@ class Dashboard(widgets.VBox):
 
 
 def _factor_layers(rec: Recording) -> list[str]:
-    """Layers that have a condition number (factors) in ``rec``, in first-seen order."""
-    m = rec.metrics
-    return list(dict.fromkeys(m[m["metric"] == "cond"]["layer"].tolist()))
+    """Layers with a preconditioning factor in ``rec``, in first-seen order."""
+    return list(dict.fromkeys(ly for ly, _ in preconditioning_factors(rec)))
+
+
+def _interesting(recs: list[Recording]) -> tuple[str, str, str | None] | None:
+    """``(run, layer, factor)`` to open on: the earliest failure of any run whose layer has
+    factors, else the factor with the largest condition number of any run."""
+    failures = []
+    for r in recs:
+        hit = first_failure(r)
+        if hit is not None and hit[1] in _factor_layers(r):
+            failures.append((hit[0], r.name, hit[1], hit[2]))
+    if failures:
+        _, run, layer, factor = min(failures, key=lambda f: f[0])
+        return run, layer, factor
+    worst = [(w[2], r.name, w[0], w[1]) for r in recs if (w := worst_conditioned(r))]
+    if worst:
+        _, run, layer, factor = max(worst, key=lambda w: w[0])
+        return run, layer, factor
+    return None
 
 
 def _vline(step: Any) -> dict:

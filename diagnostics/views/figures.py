@@ -20,6 +20,16 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from diagnostics.record.recording import PHASES, Recording
+from diagnostics.views.style import (
+    LOG_AXIS,
+    added_damping,
+    component_colours,
+    damped_condition,
+    is_preconditioning,
+    layer_labels,
+    log_range_decades,
+    preconditioning_factors,
+)
 
 PALETTE = qualitative.Plotly
 PHASE_STYLE = {
@@ -129,8 +139,10 @@ def spectrum_figure(
             sp = sp[sp["layer"] == layer]
         if factor is not None:
             sp = sp[sp["factor"] == factor]
+        sp = sp[[is_preconditioning(str(f)) for f in sp["factor"]]]
         if len(sp) == 0:
             continue
+        labels = layer_labels(r)
         for (ly, fa), part in sp.groupby(["layer", "factor"], sort=False):
             grid = part.pivot_table(index="index", columns="step", values="value", aggfunc="first")
             vals = grid.to_numpy(dtype=np.float64)
@@ -148,17 +160,17 @@ def spectrum_figure(
                     colorbar={"title": {"text": "log10 eig"}},
                     hovertemplate="step %{x}<br>rank %{y}<br>eigenvalue %{customdata:.4g}"
                     "<extra></extra>",
-                    name=f"{r.name} · {ly} · {fa}",
+                    name=f"{r.name} · {labels.get(str(ly), ly)} · {fa}",
                     visible=not combos,
                 )
             )
-            combos.append((r.name, str(ly), str(fa)))
+            combos.append((r.name, labels.get(str(ly), str(ly)), str(fa)))
     if not combos:
         return _empty(fig, "no spectra recorded (optimizer without factors, or spectra=False)")
     multi = len(recs) > 1
 
     def label(c: tuple[str, str, str]) -> str:
-        return f"{c[0]} · layer {c[1]} · {c[2]}" if multi else f"layer {c[1]} · {c[2]}"
+        return f"{c[0]} · {c[1]} · {c[2]}" if multi else f"{c[1]} · {c[2]}"
 
     buttons = [
         {
@@ -176,9 +188,19 @@ def spectrum_figure(
         xaxis_title="step",
         yaxis_title="eigenvalue rank (0 = largest)",
         updatemenus=[
-            {"buttons": buttons, "x": 1.0, "xanchor": "right", "y": 1.15, "showactive": True}
+            {
+                "buttons": buttons,
+                "x": 1.0,
+                "xanchor": "right",
+                "y": 1.0,
+                "yanchor": "bottom",
+                "pad": {"b": 8},
+                "showactive": True,
+            }
         ],  # fmt: skip
-        margin={"t": 90},
+        margin={"t": 110},
+        # tall enough that the open dropdown (about 21 px an entry) stays inside the figure
+        height=max(450, 160 + 21 * len(buttons)),
     )
     fig.update_yaxes(autorange="reversed")
     return fig
@@ -188,47 +210,110 @@ def spectrum_figure(
 
 
 def condition_figure(
-    recordings: Any, *, factor: str | None = None, metric: str = "cond"
+    recordings: Any, *, factor: str | None = None, metric: str = "cond", run: str | None = None
 ) -> go.Figure:
-    """Condition number (or another factor metric) over steps, log y, one line per layer.
+    """Condition number (or another factor metric) of each preconditioning factor over steps,
+    one run at a time: plotly's own dropdown picks the run (``run`` is shown first).
 
-    Lines are named ``run · layer · factor``; non-finite values leave gaps.
+    Only factors that precondition are drawn (not optimizer moments such as AdamW's
+    ``exp_avg_sq``, not stored inverses). Where the optimizer inverts a damped factor (KFAC:
+    ``A + λI``) the line is the condition number of that damped matrix, the one that is
+    inverted; the undamped factor's line is one legend click away. Log y axis with 10^k
+    ticks; non-finite values leave gaps.
     """
     recs = as_recordings(recordings)
     fig = go.Figure()
-    n = 0
-    for ri, r in enumerate(recs):
-        m = r.metrics[r.metrics["metric"] == metric]
-        if factor is not None:
-            m = m[m["factor"] == factor]
-        dash = ["solid", "dash", "dot", "dashdot"]
-        for fi, ((ly, fa), part) in enumerate(m.groupby(["layer", "factor"], sort=False)):
-            part = part.sort_values("step")
-            fig.add_trace(
-                go.Scatter(
-                    x=part["step"].tolist(),
-                    y=_finite(part["value"].tolist()),
-                    mode="lines+markers",
-                    name=f"{r.name} · {ly} · {fa}" if len(recs) > 1 else f"{ly} · {fa}",
-                    legendgroup=r.name,
-                    line={
-                        "color": PALETTE[(fi if len(recs) == 1 else ri) % len(PALETTE)],
-                        "dash": dash[(fi if len(recs) > 1 else 0) % len(dash)],
-                    },  # fmt: skip
-                    hovertemplate=f"{r.name}<br>layer {ly} · {fa}<br>step %{{x}}<br>"
-                    f"{metric} %{{y:.4g}}<extra></extra>",
-                )
-            )
-            n += 1
-    if n == 0:
-        return _empty(fig, f"no '{metric}' recorded")
+    groups: list[tuple[str, int, int]] = []  # run, first trace, end
+    for r in recs:
+        start = len(fig.data)
+        fig.add_traces(_condition_traces(r, factor, metric))
+        if len(fig.data) > start:
+            groups.append((r.name, start, len(fig.data)))
+    if not groups:
+        return _empty(fig, f"no '{metric}' of preconditioner factors recorded "
+                           "(first-order optimizers have none)")  # fmt: skip
+    defaults = [t.visible for t in fig.data]  # True, or "legendonly" for undamped factors
+
+    def visible(g: tuple[str, int, int]) -> list[Any]:
+        return [d if g[1] <= j < g[2] else False for j, d in enumerate(defaults)]
+
+    def title(name: str) -> str:
+        what = "Condition number per layer" if metric == "cond" else metric
+        return f"{what}: {name}" if len(recs) > 1 else what
+
+    names = [g[0] for g in groups]
+    shown = names.index(run) if run in names else 0
+    for j, v in enumerate(visible(groups[shown])):
+        fig.data[j].visible = v
+    buttons = [
+        {"label": g[0], "method": "update",
+         "args": [{"visible": visible(g)}, {"title": {"text": title(g[0])}}]}
+        for g in groups
+    ]  # fmt: skip
+    menus = [{"buttons": buttons, "active": shown, "x": 1.0, "xanchor": "right", "y": 1.0,
+              "yanchor": "bottom", "pad": {"b": 8}}]  # fmt: skip
     fig.update_layout(
-        title={"text": "Condition number per layer" if metric == "cond" else metric},
+        title={"text": title(names[shown])},
         xaxis_title="step",
-        yaxis_title=metric,
-        yaxis_type="log",
+        yaxis={**LOG_AXIS, "title": {"text": "condition number" if metric == "cond" else metric}},
+        updatemenus=menus if len(groups) > 1 else [],
+        margin={"t": 100},
+        legend={"font": {"size": 11}},
     )
     return fig
+
+
+def _condition_traces(r: Recording, factor: str | None, metric: str) -> list[go.Scatter]:
+    """One run's lines: per preconditioning factor, its (damped) metric over steps."""
+    pairs = [p for p in preconditioning_factors(r) if factor is None or p[1] == factor]
+    if not pairs:
+        return []
+    labels = layer_labels(r)
+    m = r.metrics[r.metrics["metric"] == metric]
+    raw = {k: g.sort_values("step") for k, g in m.groupby(["layer", "factor"])}
+    used = damped_condition(r) if metric == "cond" else {}
+    layers = list(dict.fromkeys(ly for ly, _ in pairs))
+    sides = list(dict.fromkeys(fa for _, fa in pairs))
+    dashes = ["solid", "dash", "dot", "dashdot"]
+    traces = []
+    for ly, fa in pairs:
+        style = {"color": PALETTE[layers.index(ly) % len(PALETTE)],
+                 "dash": dashes[sides.index(fa) % len(dashes)]}  # fmt: skip
+        label = f"{labels.get(ly, ly)} · {fa}"
+        lam = added_damping(r, fa) if metric == "cond" else None
+        if lam is not None and (ly, fa) in used:
+            steps, values = zip(*used[(ly, fa)]) if used[(ly, fa)] else ((), ())
+            what = f"cond({fa} + λI), λ = {lam:g}: the matrix the optimizer inverts"
+            traces.append(_line(r.name, f"{label} + λI", list(steps), values, style, what))
+            if (ly, fa) in raw:
+                part, faint = raw[(ly, fa)], {**style, "dash": "dot", "width": 1}
+                traces.append(_line(r.name, f"{label} (undamped)", part["step"].tolist(),
+                                    part["value"].tolist(), faint, f"cond({fa}) without damping",
+                                    visible="legendonly"))  # fmt: skip
+        elif (ly, fa) in raw:
+            part = raw[(ly, fa)]
+            what = f"{metric}({fa}·{fa}ᵀ)" if fa in ("K", "C") else f"{metric}({fa})"
+            traces.append(_line(r.name, label, part["step"].tolist(), part["value"].tolist(),
+                                style, what))  # fmt: skip
+    return traces
+
+
+def _line(
+    run: str, name: str, x: list[int], y: Iterable[float], line: dict, what: str,
+    visible: bool | str = True,
+) -> go.Scatter:  # fmt: skip
+    """One condition-number line; its hover says the run, the layer and what is plotted."""
+    return go.Scatter(
+        x=x,
+        y=_finite(y),
+        mode="lines+markers",
+        name=name,
+        legendgroup=run,
+        line=line,
+        marker={"size": 5},
+        visible=visible,
+        hovertemplate=f"{run}<br>{name}<br>{what}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
+    )
 
 
 # ---------------------------------------------------------------------------- events
@@ -241,6 +326,10 @@ def events_figure(recordings: Any) -> go.Figure:
     frames = []
     for r in recs:
         ev = r.events.copy()
+        errors = getattr(r, "errors", None)
+        if errors is not None and len(errors):  # errors in their own table since it exists
+            ev = pd.concat([ev, errors.assign(tensor=errors["tensor"].replace("", "error"))],
+                           ignore_index=True)  # fmt: skip
         if len(ev):
             ev["run"] = r.name
             frames.append(ev)
@@ -248,7 +337,9 @@ def events_figure(recordings: Any) -> go.Figure:
         return _empty(fig, "no NaN/Inf events")
     ev = pd.concat(frames, ignore_index=True)
     multi = len(recs) > 1
-    ev["where"] = (ev["run"] + " · " if multi else "") + ev["layer"].astype(str)
+    labels = {r.name: layer_labels(r) for r in recs}
+    where = [labels[run].get(str(ly), str(ly)) for run, ly in zip(ev["run"], ev["layer"])]
+    ev["where"] = (ev["run"] + " · " if multi else "") + pd.Series(where, index=ev.index)
     fields = ["run", "phase", "layer", "tensor", "dtype", "shape", "n_nan", "n_posinf",
               "n_neginf", "finite_absmax", "grad_scale", "skipped", "message"]  # fmt: skip
     if "message" not in ev:
@@ -310,15 +401,18 @@ def memory_figure(recordings: Any, *, step: int | None = None) -> go.Figure:
     rows = []
     for r in recs:
         sb = r.state_bytes(step)
+        labels = layer_labels(r)
         for row in sb.itertuples():
-            rows.append((r.name, str(row.layer), str(row.component), int(row.bytes)))
+            layer = labels.get(str(row.layer), str(row.layer))
+            rows.append((r.name, layer, str(row.component), int(row.bytes)))
     fig = go.Figure()
     if not rows:
         return _empty(fig, "no optimizer state recorded")
     df = pd.DataFrame(rows, columns=["run", "layer", "component", "bytes"])
     order = list(dict.fromkeys(df["component"]))
+    colours = component_colours(order)
     keys = list(dict.fromkeys(zip(df["run"], df["layer"])))
-    for ci, comp in enumerate(order):
+    for comp in order:
         part = df[df["component"] == comp].set_index(["run", "layer"])["bytes"]
         ys = [int(part.get(k, 0)) for k in keys]
         fig.add_trace(
@@ -326,7 +420,7 @@ def memory_figure(recordings: Any, *, step: int | None = None) -> go.Figure:
                 x=[[k[0] for k in keys], [k[1] for k in keys]],
                 y=ys,
                 name=comp,
-                marker_color=PALETTE[ci % len(PALETTE)],
+                marker_color=colours[comp],
                 customdata=[human_bytes(v) for v in ys],
                 hovertemplate=f"{comp}<br>%{{x}}<br>%{{customdata}} (%{{y}} B)<extra></extra>",
             )
@@ -345,14 +439,20 @@ def memory_figure(recordings: Any, *, step: int | None = None) -> go.Figure:
 # ---------------------------------------------------------------------------- curves
 
 
+#: Accuracies training code puts into ``Recording.summary``, with their legend names.
+SUMMARY_ACCURACIES = {"train_accuracy": "train", "val_accuracy": "validation",
+                      "test_accuracy": "test"}  # fmt: skip
+
+
 def curves_figure(
-    recordings: Any, *, metrics: Iterable[str] | None = None, log_loss: bool = False
+    recordings: Any, *, metrics: Iterable[str] | None = None, log_loss: bool | None = None
 ) -> go.Figure:
-    """Loss (and accuracy-like step columns, e.g. ``accuracy``) over steps, one line per run.
+    """Loss (and accuracy-like step columns, e.g. ``accuracy``) over steps, one line per run,
+    and a panel of the accuracies each run's summary holds (train / validation / test).
 
     ``metrics`` defaults to ``loss`` plus every logged step column whose name contains
-    ``acc``. Summary test accuracies (``recording.summary["test_accuracy"]``) appear in
-    the legend names.
+    ``acc``. The loss axis has linear / log buttons (plotly's own); ``log_loss=None`` starts
+    on log when the finite losses span more than 3 decades. The legend sits below the plot.
     """
     recs = as_recordings(recordings)
     if metrics is None:
@@ -363,37 +463,104 @@ def curves_figure(
     metrics = list(metrics)
     if not metrics:
         raise ValueError("metrics must name at least one column of recording.steps")
-    fig = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True,
-                        subplot_titles=metrics, vertical_spacing=0.08)  # fmt: skip
+    accs = [k for k in SUMMARY_ACCURACIES if any(_number(r.summary.get(k)) for r in recs)]
+    titles = [*metrics, "accuracy at the end of each run"] if accs else metrics
+    legend_rows = (len(recs) + 2) // 3 + (1 if accs else 0)
+    height = 120 + 300 * len(metrics) + (260 if accs else 0) + 22 * legend_rows
+    plot_height = height - 90 - (60 + 22 * legend_rows)
+    fig = make_subplots(rows=len(titles), cols=1, subplot_titles=titles,
+                        vertical_spacing=min(0.3, 90 / plot_height))  # fmt: skip
     for ri, r in enumerate(recs):
-        color = PALETTE[ri % len(PALETTE)]
-        name = r.name
-        acc = r.summary.get("test_accuracy")
-        if isinstance(acc, (int, float)) and math.isfinite(acc):
-            name = f"{name} (test acc {acc:.3f})"
         for mi, metric in enumerate(metrics):
-            if metric not in r.steps.columns:
-                continue
-            part = r.steps[["step", metric]].dropna()
-            fig.add_trace(
-                go.Scatter(
-                    x=part["step"].tolist(),
-                    y=_finite(part[metric].tolist()),
-                    mode="lines" if len(part) > 30 else "lines+markers",
-                    name=name,
-                    legendgroup=r.name,
-                    showlegend=mi == 0,
-                    line={"color": color},
-                    hovertemplate=f"{r.name}<br>step %{{x}}<br>{metric} %{{y:.4g}}<extra></extra>",
-                ),
-                row=mi + 1,
-                col=1,
-            )
-    if log_loss and "loss" in metrics:
-        fig.update_yaxes(type="log", row=metrics.index("loss") + 1, col=1)
+            if metric in r.steps.columns:
+                fig.add_trace(_curve(r, metric, PALETTE[ri % len(PALETTE)], mi == 0), mi + 1, 1)
+    if accs:
+        _add_accuracy_bars(fig, recs, accs, len(titles))
+    for mi in range(1, len(metrics)):
+        fig.update_xaxes(matches="x", row=mi + 1, col=1)
     fig.update_xaxes(title_text="step", row=len(metrics), col=1)
-    fig.update_layout(title={"text": "Training curves"}, height=300 + 220 * (len(metrics) - 1))
+    losses = [v for r in recs for v in r.steps["loss"].tolist()] if "loss" in metrics else []
+    menus = []
+    if "loss" in metrics:
+        row = metrics.index("loss") + 1
+        log = log_range_decades(losses) > 3 if log_loss is None else bool(log_loss)
+        fig.update_yaxes(**{**LOG_AXIS, "type": "log" if log else "linear"}, row=row, col=1)
+        menus = [_axis_buttons("yaxis" if row == 1 else f"yaxis{row}", log)]
+    fig.update_layout(
+        title={"text": "Training curves"},
+        height=height,
+        updatemenus=menus,
+        barmode="group",
+        legend={
+            "orientation": "h",
+            "yanchor": "top",
+            "y": -60 / plot_height,
+            "x": 0,
+            "xanchor": "left",
+        },  # fmt: skip
+        margin={"t": 90, "b": 60 + 22 * legend_rows},
+    )
     return fig
+
+
+def _number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _curve(r: Recording, metric: str, color: str, legend: bool) -> go.Scatter:
+    """One run's ``metric`` over steps; the legend name carries its test accuracy."""
+    part = r.steps[["step", metric]].dropna()
+    acc = r.summary.get("test_accuracy")
+    name = f"{r.name} (test acc {acc:.3f})" if _number(acc) else r.name
+    return go.Scatter(
+        x=part["step"].tolist(),
+        y=_finite(part[metric].tolist()),
+        mode="lines" if len(part) > 30 else "lines+markers",
+        name=name,
+        legendgroup=r.name,
+        showlegend=legend,
+        line={"color": color},
+        hovertemplate=f"{r.name}<br>step %{{x}}<br>{metric} %{{y:.4g}}<extra></extra>",
+    )
+
+
+def _add_accuracy_bars(fig: go.Figure, recs: list[Recording], keys: list[str], row: int) -> None:
+    """Grouped bars of each run's summary accuracies (train / validation / test) in ``row``."""
+    shades = {"train_accuracy": "#c7c7c7", "val_accuracy": "#7f7f7f", "test_accuracy": "#2a3f5f"}
+    for key in keys:
+        ys = [r.summary.get(key) if _number(r.summary.get(key)) else None for r in recs]
+        fig.add_trace(
+            go.Bar(
+                x=[r.name for r in recs],
+                y=ys,
+                name=f"{SUMMARY_ACCURACIES[key]} accuracy",
+                marker_color=shades[key],
+                hovertemplate=f"%{{x}}<br>{SUMMARY_ACCURACIES[key]} accuracy %{{y:.3f}}"
+                "<extra></extra>",
+            ),
+            row,
+            1,
+        )
+    fig.update_yaxes(range=[0, 1.02], title_text="accuracy", row=row, col=1)
+
+
+def _axis_buttons(axis: str, log: bool) -> dict:
+    """Plotly buttons that switch ``axis`` between a linear and a log scale."""
+    return {
+        "type": "buttons",
+        "direction": "right",
+        "active": 1 if log else 0,
+        "x": 1.0,
+        "xanchor": "right",
+        "y": 1.0,
+        "yanchor": "bottom",
+        "pad": {"b": 30},
+        "buttons": [
+            {"label": "linear loss", "method": "relayout", "args": [{f"{axis}.type": "linear"}]},
+            {"label": "log loss", "method": "relayout", "args": [{f"{axis}.type": "log"}]},
+        ],
+    }
 
 
 def all_figures(recordings: Any) -> dict[str, go.Figure]:

@@ -83,11 +83,12 @@ def test_spectrum_figure_has_one_heatmap_per_layer_and_factor_and_a_dropdown():
     assert [t.type for t in fig.data] == ["heatmap"] * 4
     assert [t.visible for t in fig.data] == [True, False, False, False]
     buttons = fig.layout.updatemenus[0].buttons
+    # layers are labelled by name and what they map (here from their factors' sizes)
     assert [b.label for b in buttons] == [
-        "layer 0 · K",
-        "layer 0 · C",
-        "layer 2 · K",
-        "layer 2 · C",
+        "0 · 3→3 · K",
+        "0 · 3→3 · C",
+        "2 · 3→3 · K",
+        "2 · 3→3 · C",
     ]
     assert buttons[2].args[0]["visible"] == [False, False, True, False]
     hm = fig.data[0]
@@ -98,7 +99,7 @@ def test_spectrum_figure_has_one_heatmap_per_layer_and_factor_and_a_dropdown():
 def test_spectrum_figure_for_two_runs_names_runs_in_the_dropdown_and_filters():
     fig = spectrum_figure([_rec("a"), _rec("b")], factor="K")
     labels = [b.label for b in fig.layout.updatemenus[0].buttons]
-    assert labels == ["a · layer 0 · K", "a · layer 2 · K", "b · layer 0 · K", "b · layer 2 · K"]
+    assert labels == ["a · 0 · 3→3 · K", "a · 2 · 3→3 · K", "b · 0 · 3→3 · K", "b · 2 · 3→3 · K"]
 
 
 def test_spectrum_figure_without_spectra_says_so():
@@ -107,19 +108,52 @@ def test_spectrum_figure_without_spectra_says_so():
     assert len(fig.data) == 0 and "no spectra" in fig.layout.annotations[0].text
 
 
-def test_condition_figure_has_a_log_axis_and_one_line_per_run_layer_factor():
+def test_condition_figure_shows_one_run_at_a_time_picked_by_a_dropdown():
     fig = condition_figure([_rec("a"), _rec("b", cond_scale=10)])
-    assert fig.layout.yaxis.type == "log"
-    assert len(fig.data) == 8
-    assert fig.data[0].name == "a · 0 · K"
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.exponentformat == "power"
+    assert [t.visible for t in fig.data] == [True] * 4 + [False] * 4
+    assert fig.data[0].name == "0 · 3→3 · K" and fig.layout.title.text.endswith(": a")
+    menu = fig.layout.updatemenus[0]
+    assert [b.label for b in menu.buttons] == ["a", "b"]
+    assert menu.buttons[1].args[0]["visible"] == [False] * 4 + [True] * 4
     assert list(fig.data[4].y) == [40.0, 120.0, 200.0]
+    shown = condition_figure([_rec("a"), _rec("b")], run="b")
+    assert [t.visible for t in shown.data] == [False] * 4 + [True] * 4
+
+
+def _factor_rec(name: str, meta: dict, rows: list[tuple[str, str, str, float]]) -> Recording:
+    metrics = [{"step": s, "layer": ly, "factor": fa, "metric": me, "value": v}
+               for s in (0, 10) for ly, fa, me, v in rows]  # fmt: skip
+    return Recording(name=name, metrics=frame_from_rows("metrics", metrics), meta=meta)
+
+
+def test_condition_figure_leaves_out_optimizer_moments_and_inverses():
+    adam = _factor_rec("adamw", {"optimizer": "AdamW"}, [("1", "weight.exp_avg_sq", "cond", 1e5)])
+    assert len(condition_figure(adam).data) == 0
+    kfac = _factor_rec("kfac", {}, [("1", "A_inv", "cond", 3.0), ("1", "A_inv", "eig_min", 1.0)])
+    assert len(condition_figure(kfac).data) == 0
+
+
+def test_condition_figure_plots_the_damped_kfac_factor_and_keeps_the_raw_one_in_the_legend():
+    meta = {"optimizer": "KFAC", "hyperparameters": [{"damping": 0.1, "inverse_method": "x"}]}
+    rows = [("1", "A", "eig_min", 0.0), ("1", "A", "eig_max", 10.0), ("1", "A", "cond", 1e20)]
+    fig = condition_figure(_factor_rec("kfac", meta, rows))
+    damped, raw = fig.data
+    assert damped.name.endswith("A + λI") and damped.visible is True
+    assert list(damped.y) == pytest.approx([101.0, 101.0])  # (10 + 0.1) / (0 + 0.1)
+    assert "λ = 0.1" in damped.hovertemplate
+    assert raw.name.endswith("(undamped)") and raw.visible == "legendonly"
+    singd = _factor_rec("singd", {"optimizer": "SINGD", "hyperparameters": [{"damping": 0.1}]},
+                        [("1", "K", "eig_min", 1.0), ("1", "K", "cond", 5.0)])  # fmt: skip
+    (line,) = condition_figure(singd).data
+    assert list(line.y) == [5.0, 5.0] and "K·Kᵀ" in line.hovertemplate
 
 
 def test_events_figure_has_one_trace_per_phase_with_event_fields_in_hover():
     fig = events_figure(_rec("a"))
     assert [t.name for t in fig.data] == ["forward", "backward"]
     fwd = fig.data[0]
-    assert list(fwd.x) == [4] and list(fwd.y) == ["0 / output"]
+    assert list(fwd.x) == [4] and list(fwd.y) == ["0 · 3→3 / output"]
     cd = fwd.customdata[0]
     assert list(cd[:4]) == ["a", "forward", "0", "output"] and list(cd[6:9]) == [0, 3, 1]
     assert "NaN" in fwd.hovertemplate and "grad scale" in fwd.hovertemplate
@@ -136,8 +170,24 @@ def test_memory_figure_stacks_components_per_run_and_layer():
     assert fig.layout.barmode == "stack"
     assert [t.name for t in fig.data] == ["K", "C"]
     k = fig.data[0]
-    assert [list(level) for level in k.x] == [["a", "a", "b", "b"], ["0", "2", "0", "2"]]
+    assert [list(level) for level in k.x] == [
+        ["a", "a", "b", "b"],
+        ["0 · 3→3", "2 · 3→3", "0 · 3→3", "2 · 3→3"],
+    ]
     assert list(k.y) == [100, 30, 100, 30] and list(fig.data[1].y) == [50, 0, 50, 0]
+
+
+def test_memory_figure_never_repeats_a_component_colour_and_keeps_each_colour_stable():
+    from diagnostics.views.style import COMPONENT_COLOURS, component_colours
+
+    names = [*COMPONENT_COLOURS, "extra_one", "extra_two", "v", "w", "z"]
+    rows = [{"step": 1, "layer": "1", "component": c, "bytes": 8} for c in names]
+    fig = memory_figure(Recording(name="r", memory=frame_from_rows("memory", rows)))
+    colours = [t.marker.color for t in fig.data]
+    assert len(colours) == len(names) and len(set(colours)) == len(colours)
+    again = component_colours(["extra_two", "A", "extra_one"])
+    assert again["A"] == COMPONENT_COLOURS["A"]
+    assert again == component_colours(["extra_one", "A", "extra_two"])  # order does not matter
 
 
 def test_curves_figure_has_loss_and_accuracy_panels_with_one_line_per_run():
@@ -148,8 +198,36 @@ def test_curves_figure_has_loss_and_accuracy_panels_with_one_line_per_run():
         ("a (test acc 0.900)", "y2"),
         ("b (test acc 0.900)", "y"),
         ("b (test acc 0.900)", "y2"),
+        ("test accuracy", "y3"),  # the summaries' accuracies, one bar per run
     ]
     assert list(fig.data[1].y) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert list(fig.data[4].x) == ["a", "b"] and list(fig.data[4].y) == [0.9, 0.9]
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # below the plot
+
+
+def test_curves_figure_starts_on_a_log_loss_axis_when_losses_span_over_3_decades():
+    calm = _rec("calm")
+    spike = _rec("spike")
+    spike.steps.loc[2, "loss"] = 6e33
+    assert curves_figure(calm).layout.yaxis.type == "linear"
+    fig = curves_figure([calm, spike])
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.exponentformat == "power"
+    menu = fig.layout.updatemenus[0]
+    assert [b.args[0]["yaxis.type"] for b in menu.buttons] == ["linear", "log"]
+    assert menu.active == 1
+    assert curves_figure([calm, spike], log_loss=False).layout.yaxis.type == "linear"
+
+
+def test_layer_labels_use_the_kinds_a_recording_carries():
+    from diagnostics.views.style import layer_label, layer_labels
+
+    rec = _rec("a")
+    rec.meta["layers"] = [{"name": "0", "kind": "Linear 64→128"}]
+    assert layer_labels(rec)["0"] == "0 · Linear 64→128"
+    assert layer_label(rec, "2") == "2 · 3→3"  # no kind: the sizes of its factors
+    rec.meta["layers"] = {"2": {"kind": "Conv2d", "in": 3, "out": 16}}
+    assert layer_label(rec, "2") == "2 · Conv2d 3→16"
+    assert spectrum_figure(rec).layout.updatemenus[0].buttons[2].label == "2 · Conv2d 3→16 · K"
 
 
 def test_all_figures_accepts_a_recorder():
@@ -195,18 +273,42 @@ def test_dashboard_controls_drive_the_figures():
 
     d = dashboard([_rec("a"), _rec("b", cond_scale=10)])
     assert d.run.options == ("a", "b")
-    assert d.layer.options == ("0", "2") and d.factor.options == ("K", "C")
-    assert d.step_slider.options == (0, 2, 4)
+    assert d.layer.options == (("0 · 3→3", "0"), ("2 · 3→3", "2"))
+    assert d.factor.options == ("K", "C")
+    assert d.steps == [0, 2, 4] and d.step_slider.step == 2
     assert d.step_slider.value == 4  # starts at the last recorded step
+    d.run.value, d.layer.value = "a", "0"
     d.step_slider.value = 2
     assert list(d.spectrum.data[0].y) == [12.0, 2.0, 1.0]
     assert d.condition.layout.shapes[0].x0 == 2 and d.curves.layout.shapes[0].x0 == 2
     d.run.value = "b"
     assert list(d.condition.data[0].y) == [40.0, 120.0, 200.0]
     d.factor.value = "C"
-    assert "C · layer 0" in d.spectrum.layout.title.text
+    assert "C · 0 · 3→3" in d.spectrum.layout.title.text
     assert [t.name for t in d.events.data] == ["forward", "backward"]
     assert len(d.curves.data) == 2
+
+
+def test_dashboard_opens_on_the_first_failing_factor_else_the_worst_conditioned():
+    from diagnostics import dashboard
+
+    calm, worse = _rec("calm", events=False), _rec("worse", events=False, cond_scale=10)
+    d = dashboard([calm, worse])
+    assert (d.run.value, d.layer.value, d.factor.value) == ("worse", "0", "K")
+    failing = _rec("failing")  # its first event is at step 3 in layer 2
+    d = dashboard([worse, failing])
+    assert (d.run.value, d.layer.value) == ("failing", "2")
+
+
+def test_dashboard_snaps_a_typed_step_to_the_nearest_recorded_step():
+    from diagnostics import dashboard
+
+    d = dashboard(_rec("a"))
+    d.step_slider.value = 3  # typed into the slider's box: not a recorded step
+    assert d.step_slider.value == 2
+    assert list(d.spectrum.data[0].y) == [12.0, 2.0, 1.0]  # the spectrum at step 2, not blank
+    d.step_slider.value = 99
+    assert d.step_slider.value == 4
 
 
 def test_dashboard_fits_a_1400_px_jupyterlab_without_cutting_off_figures():
@@ -245,14 +347,14 @@ def test_live_dashboard_redraws_after_each_recorded_step():
         loss.backward()
         opt.step()
         rec.step(loss=loss)
-    assert d.step_slider.options == (0, 2, 4) and d.step_slider.value == 4  # follows
-    assert d.layer.options == ("0", "2") and d.factor.options == ("K", "C")
+    assert d.steps == [0, 2, 4] and d.step_slider.value == 4  # follows
+    assert [v for _, v in d.layer.options] == ["0", "2"] and d.factor.options == ("K", "C")
     assert len(d.spectrum.data[0].y) == 5  # K of layer 0: 4 inputs + bias
     assert list(d.curves.data[0].x) == [0, 1, 2, 3, 4]
     d.close_live()
     rec.step(loss=1.0)
     rec.step(loss=1.0)
-    assert d.step_slider.options == (0, 2, 4)
+    assert d.steps == [0, 2, 4]
 
 
 def test_throttled_live_dashboard_still_shows_the_final_state_after_close():
