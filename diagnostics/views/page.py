@@ -36,6 +36,7 @@ table.summary th:first-child, table.summary td:first-child { text-align: left; }
 table.summary td.text { white-space: normal; text-align: left; min-width: 12em;
        max-width: 32em; overflow-wrap: anywhere; }
 table.summary thead th { background: #f0f0f0; }
+details.more { margin-top: 0.6em; } details.more summary { cursor: pointer; color: #444; }
 .note { color: #666; font-size: 0.85em; }
 """
 
@@ -91,14 +92,15 @@ def table_html(
     ``text_columns`` wrap instead of widening the table."""
     wanted = set(text_columns)
     positions = [i for i, c in enumerate(df.columns) if c in wanted]
-    table = df.to_html(
-        index=False,
-        classes="summary",
-        border=0,
-        escape=True,
-        na_rep=na_rep,
-        float_format=float_format,
-    )
+    with pd.option_context("display.max_colwidth", None):  # never cut a cell's text
+        table = df.to_html(
+            index=False,
+            classes="summary",
+            border=0,
+            escape=True,
+            na_rep=na_rep,
+            float_format=float_format,
+        )
     return f'<div class="table-wrap">{_mark_text_cells(table, positions)}</div>'
 
 

@@ -34,10 +34,21 @@ FIRST_COLUMNS = (
     "status",
     "why",
 )
+#: Columns of the summary table on the page; the others sit in a folded table below it.
+ESSENTIAL_COLUMNS = (
+    "run",
+    "status",
+    "test_accuracy",
+    "final_loss",
+    "nan_inf_events",
+    "optimizer_state_bytes",
+    "time_per_step_s",
+    "why",
+)
 #: Columns left out of the summary table: they repeat one of the columns above.
 _REPEATS = ("nan_events", "time_per_step", "error")
 #: Columns with free text: wrapped instead of widening the table.
-_TEXT_COLUMNS = ("why", "config", "versions")
+_TEXT_COLUMNS = ("run", "why", "config", "versions")
 
 _TITLES = {
     "curves": "Loss and accuracy",
@@ -59,7 +70,22 @@ def summary_table(recordings: Any) -> pd.DataFrame:
 
 
 def _format_table(df: pd.DataFrame) -> str:
-    """The summary table as escaped HTML with readable units, in a scrolling container."""
+    """The summary table as escaped HTML with readable units: the `ESSENTIAL_COLUMNS`, then
+    every other column in a second table folded under ``<details>``."""
+    main = [c for c in ESSENTIAL_COLUMNS if c in df.columns]
+    rest = [c for c in df.columns if c not in main]
+    html_main = _table(df[main])
+    if not rest:
+        return html_main
+    folded = _table(df[["run", *rest]])
+    return (
+        f'{html_main}<details class="more"><summary>All numbers ({len(rest)} more columns)'
+        f"</summary>{folded}</details>"
+    )
+
+
+def _table(df: pd.DataFrame) -> str:
+    """One escaped HTML table with readable units and headers."""
     shown = df.copy()
     for col in shown.columns:
         if col.endswith("_bytes"):

@@ -173,3 +173,26 @@ def test_run_summary_refuses_what_is_not_a_recording():
 
     with pytest.raises(TypeError, match="Recording"):
         run_summary({"loss": 1.0})
+
+
+# ---------------------------------------------------------------------------- layout of the table
+
+
+def test_report_table_shows_the_essential_columns_and_folds_the_others(tmp_path):
+    from diagnostics.views.report import ESSENTIAL_COLUMNS
+
+    rec = _rec("a", 0.5)
+    rec.summary.update({f"setting_{i}": i for i in range(16)})  # a harness's many numbers
+    text = report(rec, tmp_path / "r.html").read_text(encoding="utf-8")
+    main, _, folded = text.partition('<details class="more">')
+    head = re.search(r"<thead>(.*?)</thead>", main, re.S).group(1)
+    assert len(re.findall(r"<th", head)) == len(ESSENTIAL_COLUMNS)
+    assert "setting_7" not in main and "setting_7" in folded
+    assert folded.index("</details>") > folded.index("setting_15")
+
+
+def test_report_shows_a_long_why_whole_in_a_wrapping_cell(tmp_path):
+    rec = _rec("broken", 2.0)
+    rec.summary["why"] = "the factor lost its positive definiteness " * 10 + "THE END"
+    text = report(rec, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert re.search(r'<td class="text">the factor lost[^<]*THE END</td>', text)
