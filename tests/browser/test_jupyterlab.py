@@ -246,20 +246,21 @@ def test_notebook_03_runs_in_jupyterlab_and_its_dashboard_answers_the_layer_drop
 
         layer = dash.locator(".widget-dropdown").filter(has_text="layer").locator("select")
         options = layer.locator("option").all_text_contents()
-        current = layer.input_value()
+        current = layer.evaluate("s => s.options[s.selectedIndex].text").replace("\xa0", " ")
+        options = [o.replace("\xa0", " ") for o in options]  # ipywidgets writes nbsp
         assert len(options) >= 2, f"layer dropdown offers {options}"
         target = next(o for o in options if o != current)
-        assert f"layer {current} " in before["title"]
+        assert f"· {current} at step" in before["title"]  # labels: "1 · Linear 64→128"
         # a real kernel round trip: the browser changes the widget, Python redraws the figure
-        layer.select_option(label=target)
+        layer.select_option(index=options.index(target))
         page.wait_for_function(
             """([el, t]) => Array.from(el.querySelectorAll('.gtitle'))
                                   .some(g => g.textContent.includes(t))""",
-            arg=[dash.element_handle(), f"layer {target} "],
+            arg=[dash.element_handle(), f"· {target} at step"],
             timeout=30_000,
         )
         after = _dashboard_state(dash)
-        assert f"layer {target} " in after["title"] and after["title"] != before["title"]
+        assert f"· {target} at step" in after["title"] and after["title"] != before["title"]
         assert (after["x"], after["y"]) != (before["x"], before["y"])
         assert after["points"] > 0
 

@@ -107,7 +107,7 @@ def test_report_layer_dropdown_changes_the_plotted_spectrum(watched_page, report
     buttons.first.wait_for(state="visible")
     labels = buttons.locator(".updatemenu-item-text").all_text_contents()
     assert len(labels) == 6, labels
-    target = next(i for i, lab in enumerate(labels) if f"layer {layer_before} " not in lab)
+    target = next(i for i, lab in enumerate(labels) if not lab.startswith(f"{layer_before} ·"))
     buttons.nth(target).click()
     page.wait_for_function(
         "t => document.querySelector('#fig-spectrum-2 .gtitle').textContent !== t",
