@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from diagnostics.record import metrics as M
-from diagnostics.record.quantities.base import LOW_PRECISION, MODEL, Finding, fused_norms
+from diagnostics.record.quantities.base import (
+    LOW_PRECISION,
+    MODEL,
+    Finding,
+    LayerIndex,
+    fused_norms,
+)
 
 
 class Hooked(NamedTuple):
@@ -45,7 +51,8 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 class ActivationHooks:
     """Installs and removes the per-step hooks and collects what they saw."""
 
-    def __init__(self, model: nn.Module | None) -> None:
+    def __init__(self, model: nn.Module | None, index: LayerIndex | None = None) -> None:
+        self.index = index if index is not None else LayerIndex(model)
         self.modules: list[tuple[str, nn.Module]] = []
         if model is not None:
             for name, mod in model.named_modules():
@@ -88,6 +95,7 @@ class ActivationHooks:
         def forward_hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not torch.is_grad_enabled():  # evaluation passes are not training steps
                 return
+            self.index.saw(layer)
             for i, t in enumerate(_tensors(inputs)):
                 self._note("forward", layer, "input" if i == 0 else f"input{i}", t)
             for i, t in enumerate(_tensors(output)):

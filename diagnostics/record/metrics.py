@@ -50,9 +50,10 @@ def _condition(eig_max: float, eig_min: float) -> float:
 
 
 def _power_extremes(
-    matvec, dim: int, dtype: torch.dtype, device: torch.device, iters: int
+    matvec, dim: int, dtype: torch.dtype, device: torch.device, iters: int, psd: bool = True
 ) -> tuple[float, float]:
-    """Estimate (largest, smallest) eigenvalue of a PSD operator by two power iterations.
+    """Estimate (largest, smallest) eigenvalue of a symmetric operator by two power iterations
+    (``psd``: the smallest is clipped at 0; otherwise it keeps its sign).
 
     The largest comes from plain power iteration; the smallest from power iteration on
     ``lam_max * I - A`` (whose top eigenvalue is ``lam_max - lam_min``). The start vector
@@ -77,7 +78,7 @@ def _power_extremes(
 
     lam_max = top(matvec)
     gap = top(lambda v: lam_max * v - matvec(v))
-    return lam_max, max(lam_max - gap, 0.0)
+    return lam_max, max(lam_max - gap, 0.0) if psd else lam_max - gap
 
 
 def _factor_parts(matrix: object) -> tuple[str, list[torch.Tensor]]:
@@ -147,6 +148,12 @@ def spectral_metrics(eigenvalues: np.ndarray, role: str) -> dict[str, float]:
         out["sv_min"] = math.sqrt(max(eig_min, 0.0))
         out["sv_max"] = math.sqrt(max(eig_max, 0.0))
     return out
+
+
+def damped_condition(eig_max: float, eig_min: float, damping: float) -> float:
+    """Condition number of ``F + damping I`` for a symmetric ``F`` (what KFAC inverts):
+    ``inf`` once the smallest eigenvalue reaches ``-damping`` (the Cholesky fails there)."""
+    return _condition(eig_max + damping, eig_min + damping)
 
 
 def _spectral_keys(role: str) -> list[str]:
@@ -269,7 +276,8 @@ def _estimate(m: torch.Tensor, role: str, power_iters: int) -> torch.Tensor:
         def matvec(v: torch.Tensor) -> torch.Tensor:
             return sym @ v
 
-    hi, lo = _power_extremes(matvec, m.shape[0], m.dtype, m.device, power_iters)
+    psd = role == "root"
+    hi, lo = _power_extremes(matvec, m.shape[0], m.dtype, m.device, power_iters, psd=psd)
     return torch.tensor([hi, lo], dtype=torch.float64)
 
 

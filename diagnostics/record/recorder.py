@@ -86,8 +86,17 @@ from diagnostics.record.quantities import (
     StepScalars,
     Tables,
 )
-from diagnostics.record.quantities.base import MODEL, PROCESS, Params, StepContext, fused_norms
+from diagnostics.record.quantities.activations import Activations
+from diagnostics.record.quantities.base import (
+    MODEL,
+    PROCESS,
+    LayerIndex,
+    Params,
+    StepContext,
+    fused_norms,
+)
 from diagnostics.record.quantities.factors import SpectraJob
+from diagnostics.record.quantities.flight import FlightRecorder
 from diagnostics.record.quantities.step_scalars import loss_value
 from diagnostics.record.recording import COLUMNS, PHASES, Recording, frame_from_rows
 from diagnostics.record.worker import SpectraWorker, auto_workers
@@ -225,6 +234,11 @@ class Recorder:
             merged in step order, and `recording` (hence saving, reports and dashboards),
             `flush` and `close` wait for pending ones, so what is read is always complete
             up to the last step.
+        flight: how many recorded steps the flight recorder keeps copies of every factor
+            for; at the first NaN/Inf event or error these copies and the factors at that
+            step are saved as ``recording.snapshots`` (0: off).
+        step_norms: also record the total gradient and update norms on unrecorded steps
+            (a copy of the parameters before each ``optimizer.step()``, two fused norms).
     """
 
     def __init__(
@@ -245,6 +259,8 @@ class Recorder:
         seed: int | None = None,
         max_events: int = 10_000,
         workers: int | str = "auto",
+        flight: int = 3,
+        step_norms: bool = True,
     ) -> None:
         _check_arguments(optimizer, model, scaler, max_dim, power_iters, config)
         if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
@@ -262,11 +278,20 @@ class Recorder:
         self.power_iters = power_iters
         self.max_events = max_events
         self.workers, self._workers_auto = _worker_count(workers)
+        if isinstance(flight, bool) or not isinstance(flight, int) or flight < 0:
+            raise ValueError(f"flight must be an int >= 0 (recorded steps kept), got {flight!r}")
+        self.flight = flight
+        self.step_norms = bool(step_norms)
         self.name = name if name is not None else type(optimizer).__name__
         self.summary: dict[str, Any] = {}
 
         # the quantities, and what the scheduler keeps for them
         self._params = Params.of(optimizer, model)
+        self._index = LayerIndex(model)
+        self._group_of: dict[str, int] = {}
+        for gi, g in enumerate(optimizer.param_groups):
+            for t in g["params"]:
+                self._group_of.setdefault(self._params.names[self._params.index[id(t)]][0], gi)
         self._tables = Tables()
         self._scalars = StepScalars(optimizer, self._params)
         self._factors = FactorSpectra(
@@ -277,16 +302,19 @@ class Recorder:
             copy=False,
             norms=ChangeCache(),
             spectra_cache=ChangeCache(),
+            damping=self._damping,
         )
         self._use_worker = bool(self.workers) and self.spectra and self._factors.active
         self._factors.copy = self._use_worker  # the optimizer changes factors a worker reads
         self._state = OptimizerState(optimizer, self._params, self._factors.active)
-        self._events = Events(self._params, self.check_finite, max_events)
+        self._events = Events(self._params, self.check_finite, max_events, self._index)
         self._memory = Memory(optimizer, self._params) if memory else None
+        self._activations = Activations()
+        self._flight = FlightRecorder(flight if self._factors.active else 0)
         self._worker = SpectraWorker(
             self.workers if self._use_worker else 0, self._factors.compute, self._merge
         )
-        self._hooks = ActivationHooks(model)
+        self._hooks = ActivationHooks(model, self._index)
         self._listeners: list[Listener] = []
 
         self._step = 0
@@ -329,6 +357,8 @@ class Recorder:
                 "peak_rss_reset": self._memory.peak_reset if self._memory else False,
                 "workers": self.workers,
                 "workers_auto": self._workers_auto,
+                "flight": self.flight,
+                "step_norms": self.step_norms,
             },
             "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "platform": platform.platform(),
@@ -396,8 +426,11 @@ class Recorder:
         trip = False
         if recorded:
             self._record(ctx, hooked)
-        elif self.events:
-            trip = self._check(ctx, hooked)
+        else:
+            if self.step_norms:
+                row["grad_norm"], row["update_norm"] = self._scalars.totals(skipped)
+            if self.events:
+                trip = self._check(ctx, hooked)
         if self._hooks.armed:
             self._hooks.disarm()
         self._worker.drain(wait=False)
@@ -424,13 +457,13 @@ class Recorder:
         tensor: str | None = None,
         step: int | None = None,
     ) -> None:
-        """Record an error that aborts training (e.g. KFAC's inverse failure) as an event row.
+        """Record an error that aborts training (e.g. KFAC's inverse failure) in ``errors``.
 
         The row has the phase, layer and tensor (``"(model)"`` / ``"error"`` when not
-        given), ``message`` = ``"ExcType: message"``, zero NaN/Inf counts, and the step
-        ``step`` (default: the step in progress, i.e. `current_step`), so that a run that
-        gives up shows why in ``recording.events`` and on the event timeline. It counts
-        towards ``max_events`` only in that it is always kept.
+        given), the exception's class name, ``message`` = ``"ExcType: message"`` and the
+        step ``step`` (default: the step in progress, i.e. `current_step`), so that a run
+        that gives up shows why in ``recording.errors`` and on the event timeline. The
+        first error (or event) also saves the flight recorder's factor snapshots.
         """
         if isinstance(exc, BaseException):
             message = f"{type(exc).__name__}: {exc}".strip()
@@ -445,8 +478,12 @@ class Recorder:
             raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
         layer = MODEL if layer is None else str(layer)
         tensor = "error" if tensor is None else str(tensor)
-        row = Events.error(s, phase, layer, tensor, message, self._grad_scale())
-        self._tables.events.append(row)
+        exception = type(exc).__name__ if isinstance(exc, BaseException) else ""
+        row = self._events.error(s, phase, layer, tensor, exception, message, self._grad_scale())
+        self._tables.errors.append(row)
+        if not self._flight.done:
+            with contextlib.suppress(Exception):  # a broken optimizer may not show its factors
+                self._flight.freeze(s, self._factors.read(), self._tables)
         self._cache = None
 
     @property
@@ -490,13 +527,19 @@ class Recorder:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Optimizer step pre-hook: note that a step happens; snapshot params if recorded."""
         self._stepped = True
-        if self._next_recorded:
+        if self._next_recorded or self.step_norms:
             self._scalars.snapshot()
 
     def _arm(self) -> None:
         """Install the hooks for the next step (events only)."""
         if self.events:
             self._hooks.arm()
+
+    def _damping(self, layer: str) -> float:
+        """The damping of the parameter group that holds ``layer``'s parameters (NaN: none)."""
+        gi = self._group_of.get(layer)
+        d = self.optimizer.param_groups[gi].get("damping") if gi is not None else None
+        return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else math.nan
 
     def _grad_scale(self) -> float:
         """Current GradScaler scale (NaN without an enabled scaler)."""
@@ -522,7 +565,10 @@ class Recorder:
                 + self._state.probes(self._state.items())
             )
             norms = fused_norms([p.tensor for p in probes])
+        before = len(self._tables.events)
         self._events.inspect(ctx, probes, norms, findings, self._tables)
+        if len(self._tables.events) > before:
+            self._flight.freeze(ctx.step, factors, self._tables)
         return not ok
 
     @torch.no_grad()
@@ -554,9 +600,14 @@ class Recorder:
             k += len(group)
 
         s, tables = ctx.step, self._tables
+        self._activations.record(s, lazy, hooked_norms, tables)
         if self.events:
             findings = self._hooks.findings(hooked, hooked_norms) if hooked else []
+            before = len(tables.events)
             self._events.inspect(ctx, probes, norms, findings, tables)
+            if len(tables.events) > before:
+                self._flight.freeze(s, factors, tables)
+        self._flight.keep(s, factors)
         self._state.record_norms(s, groups["state"], by_group["state"], tables)
         self._scalars.record(ctx, groups["scalars"], by_group["scalars"], update_norms, tables)
         job = self._factors.record(s, factors, by_group["factors"], tables) if factors else None
@@ -578,8 +629,9 @@ class Recorder:
         self._worker.drain(wait=True)
         t = self._tables
         for r in t.steps:
-            if isinstance(r["loss"], torch.Tensor):
-                r["loss"] = float(r["loss"])
+            for key in ("loss", "grad_norm", "update_norm"):
+                if isinstance(r.get(key), torch.Tensor):
+                    r[key] = float(r[key])
         metrics = frame_from_rows("metrics", _columns(t.metrics, COLUMNS["metrics"]))
         if self._use_worker:  # spectra jobs finish after later steps' rows: restore step order
             metrics = metrics.sort_values("step", kind="stable", ignore_index=True)
@@ -590,9 +642,18 @@ class Recorder:
             spectra=_spectra_frame(t.spectra),
             events=frame_from_rows("events", t.events),
             memory=frame_from_rows("memory", _columns(t.memory, COLUMNS["memory"])),
-            meta=dict(self.meta),
+            meta=self._meta_now(),
             summary=self.summary,
+            errors=frame_from_rows("errors", t.errors),
+            snapshots=list(t.snapshots),
         )
+
+    def _meta_now(self) -> dict[str, Any]:
+        """``meta`` with ``meta["layers"]``: every layer with parameters in forward order."""
+        meta = dict(self.meta)
+        names = [layer for layer, _ in self._params.names] + list(self._index.seen)
+        meta["layers"] = self._index.table(names)
+        return meta
 
 
 def _columns(rows: list[tuple], names: Iterable[str]) -> dict[str, list]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -50,7 +50,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "record_time_s": "float64",
         "grad_scale": "float64",
         "skipped": "bool",
-        # what happened, for events that are errors (`Recorder.record_error`); "" otherwise
+        # error message of the step (`Recorder.record_error`), "" otherwise
         "message": "str",
     },
     # tidy: one row per step x layer x factor x metric
@@ -69,11 +69,16 @@ COLUMNS: dict[str, dict[str, str]] = {
         "index": "int64",
         "value": "float64",
     },
-    # one row per NaN/Inf event
+    # one row per NaN/Inf event, in the order they happened: by step, then phase (forward
+    # activations in forward order, the loss, backward from the last layer to the first,
+    # factors and state, parameters); ``order`` numbers them across the run; ``kind`` is
+    # the layer's module and shape, e.g. "Linear 64→128"
     "events": {
         "step": "int64",
+        "order": "int64",
         "phase": "str",
         "layer": "str",
+        "kind": "str",
         "tensor": "str",
         "dtype": "str",
         "shape": "str",
@@ -84,8 +89,19 @@ COLUMNS: dict[str, dict[str, str]] = {
         "finite_absmax": "float64",
         "grad_scale": "float64",
         "skipped": "bool",
-        # what happened, for events that are errors (`Recorder.record_error`); "" otherwise
+        # always "" (files written before errors had their own table held them here)
         "message": "str",
+    },
+    # one row per error that ended or disturbed training (`Recorder.record_error`)
+    "errors": {
+        "step": "int64",
+        "phase": "str",
+        "layer": "str",
+        "kind": "str",
+        "tensor": "str",
+        "exception": "str",
+        "message": "str",
+        "grad_scale": "float64",
     },
     # one row per step x layer x component (optimizer state; "(process)" rows are peaks)
     "memory": {
@@ -120,7 +136,9 @@ def frame_from_rows(kind: str, rows: list[dict[str, Any]] | dict[str, list]) -> 
     spec = COLUMNS[kind]
     df = pd.DataFrame(rows)
     for col in spec:
-        if col not in df.columns:
+        if col == "order" and col not in df.columns:  # rows given in the order they happened
+            df[col] = np.arange(len(df), dtype=np.int64)
+        elif col not in df.columns:
             df[col] = pd.Series([], dtype=object) if len(df) == 0 else None
     out = {}
     text = _str_dtype()
@@ -138,6 +156,16 @@ def frame_from_rows(kind: str, rows: list[dict[str, Any]] | dict[str, list]) -> 
     return pd.DataFrame(out, index=pd.RangeIndex(len(df)))
 
 
+class Snapshot(NamedTuple):
+    """One factor as it was at one step (the flight recorder's copies, float32 or float64)."""
+
+    step: int
+    layer: str
+    factor: str
+    role: str
+    matrix: np.ndarray
+
+
 @dataclass
 class Recording:
     """Everything recorded in one run: DataFrames, run metadata and summary numbers.
@@ -145,10 +173,14 @@ class Recording:
     - ``steps``: per-step scalars (loss, grad/update norm, lr, wall time, grad scale, skipped).
     - ``metrics``: tidy ``step, layer, factor, metric, value``.
     - ``spectra``: eigenvalues per ``step, layer, factor`` (``index`` 0 = largest).
-    - ``events``: NaN/Inf events (`COLUMNS` lists the fields).
+    - ``events``: NaN/Inf events in the order they happened (`COLUMNS` lists the fields).
     - ``memory``: ``step, layer, component, bytes``; layer ``"(process)"`` holds peaks.
-    - ``meta``: run metadata (config, versions, seed, optimizer, recorder settings).
+    - ``meta``: run metadata (config, versions, seed, optimizer, recorder settings, and
+      ``meta["layers"]``: each layer's name, kind and position in the forward pass).
     - ``summary``: summary numbers set by training code, e.g. ``summary["test_accuracy"]``.
+    - ``errors``: errors recorded with `Recorder.record_error` (exception and message).
+    - ``snapshots``: every factor on the last few recorded steps before the first event or
+      error and at its step (`Snapshot`; the flight recorder), empty when nothing happened.
     """
 
     name: str = "run"
@@ -159,8 +191,10 @@ class Recording:
     memory: pd.DataFrame = field(default_factory=lambda: empty_frame("memory"))
     meta: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    errors: pd.DataFrame = field(default_factory=lambda: empty_frame("errors"))
+    snapshots: list[Snapshot] = field(default_factory=list)
 
-    FRAMES = ("steps", "metrics", "spectra", "events", "memory")
+    FRAMES = ("steps", "metrics", "spectra", "events", "memory", "errors")
 
     def __repr__(self) -> str:
         st = self.steps
@@ -168,7 +202,7 @@ class Recording:
             f"Recording(name={self.name!r}, steps={len(st)}, "
             f"recorded={int(st['recorded'].sum()) if len(st) else 0}, "
             f"metrics={len(self.metrics)}, spectra={len(self.spectra)}, "
-            f"events={len(self.events)}, memory={len(self.memory)}, "
+            f"events={len(self.events)}, errors={len(self.errors)}, memory={len(self.memory)}, "
             f"summary={sorted(self.summary)})"
         )
 
@@ -227,6 +261,7 @@ class Recording:
             if not isinstance(df, pd.DataFrame):
                 raise TypeError(f"Recording.{fname} must be a pandas DataFrame")
             body["frames"][fname] = _encode_frame(df, fname, arrays)
+        body["snapshots"] = _encode_snapshots(self.snapshots, arrays)
         with atomic_file(path, "wb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 zf.writestr(_HEADER, json.dumps({"format": FORMAT, "version": VERSION}))
@@ -255,18 +290,80 @@ class Recording:
                         f"this code reads version {VERSION}"
                     )
                 body = json.loads(zf.read(_BODY))
-                frames = {fname: _decode_frame(body["frames"][fname], zf) for fname in cls.FRAMES}
-                for fname, df in frames.items():  # columns added after a file was written
-                    for col in COLUMNS.get(fname, {}):
-                        if col not in df.columns and COLUMNS[fname][col] == "str":
-                            df[col] = pd.Series([""] * len(df), index=df.index, dtype=_str_dtype())
+                frames = {
+                    fname: _decode_frame(body["frames"][fname], zf)
+                    for fname in cls.FRAMES
+                    if fname in body["frames"]
+                }
+                frames = _upgrade(frames)
+                snapshots = _decode_snapshots(body.get("snapshots", []), zf)
         except zipfile.BadZipFile as err:
             raise ValueError(
                 f"{str(path)!r} is truncated, corrupt or not a singd-lab recording ({err})"
             ) from err
         except (KeyError, TypeError, json.JSONDecodeError, EOFError, OSError, zlib.error) as err:
             raise ValueError(f"{str(path)!r} is a damaged singd-lab recording ({err!r})") from err
-        return cls(name=body["name"], meta=body["meta"], summary=body["summary"], **frames)
+        return cls(
+            name=body["name"],
+            meta=body["meta"],
+            summary=body["summary"],
+            snapshots=snapshots,
+            **frames,
+        )
+
+
+def _upgrade(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Frames of a file written by older code in today's form: columns added since get
+    their empty value, and error rows of the events frame move to ``errors``."""
+    if "errors" not in frames:
+        ev = frames["events"]
+        is_error = ev["message"].astype(str) != "" if "message" in ev else ev["step"] < -1
+        rows = []
+        for r in ev[is_error].to_dict("records"):
+            row = {k: r[k] for k in COLUMNS["errors"] if k in r}
+            exc, _, _ = str(r.get("message", "")).partition(":")
+            row["exception"] = exc if exc.isidentifier() else ""
+            rows.append(row)
+        frames["errors"] = frame_from_rows("errors", rows)
+        frames["events"] = ev[~is_error].reset_index(drop=True)
+    for fname, df in frames.items():
+        for col, dtype in COLUMNS.get(fname, {}).items():
+            if col in df.columns:
+                continue
+            if dtype == "str":
+                df[col] = pd.Series([""] * len(df), index=df.index, dtype=_str_dtype())
+            elif col == "order":
+                df[col] = np.arange(len(df), dtype=np.int64)
+    return frames
+
+
+def _encode_snapshots(snapshots: list[Snapshot], arrays: dict[str, bytes]) -> list[dict]:
+    """Describe the snapshots for recording.json, their matrices as ``.npy`` members."""
+    out = []
+    for i, snap in enumerate(snapshots):
+        member = f"snapshots/{i}.npy"
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(snap.matrix), allow_pickle=False)
+        arrays[member] = buf.getvalue()
+        out.append(
+            {"step": int(snap.step), "layer": snap.layer, "factor": snap.factor,
+             "role": snap.role, "npy": member}
+        )  # fmt: skip
+    return out
+
+
+def _decode_snapshots(specs: list[dict], zf: zipfile.ZipFile) -> list[Snapshot]:
+    """Rebuild the snapshots written by `_encode_snapshots`."""
+    return [
+        Snapshot(
+            int(s["step"]),
+            s["layer"],
+            s["factor"],
+            s["role"],
+            np.load(io.BytesIO(zf.read(s["npy"])), allow_pickle=False),
+        )
+        for s in specs
+    ]
 
 
 @contextmanager

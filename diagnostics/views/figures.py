@@ -7,6 +7,7 @@ name the runs) and returns a ``plotly.graph_objects.Figure``. Controls are plotl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -83,7 +84,7 @@ def _renamed(r: Recording, name: str) -> Recording:
     """A shallow copy of ``r`` with another name (frames are shared, not copied)."""
     if r.name == name:
         return r
-    return Recording(name, r.steps, r.metrics, r.spectra, r.events, r.memory, r.meta, r.summary)
+    return dataclasses.replace(r, name=name)
 
 
 def _empty(fig: go.Figure, text: str) -> go.Figure:
@@ -336,6 +337,9 @@ def events_figure(recordings: Any) -> go.Figure:
     if not frames:
         return _empty(fig, "no NaN/Inf events")
     ev = pd.concat(frames, ignore_index=True)
+    if "message" not in ev:
+        ev["message"] = ""
+    ev["message"] = ev["message"].fillna("")
     multi = len(recs) > 1
     labels = {r.name: layer_labels(r) for r in recs}
     where = [labels[run].get(str(ly), str(ly)) for run, ly in zip(ev["run"], ev["layer"])]
@@ -380,7 +384,10 @@ def events_figure(recordings: Any) -> go.Figure:
             )
         )
     fig.update_layout(
-        title={"text": f"NaN/Inf events ({len(ev)})"},
+        title={
+            "text": f"NaN/Inf events ({int((ev['message'] == '').sum())})"
+            + (f" · errors ({n})" if (n := int((ev["message"] != "").sum())) else "")
+        },
         xaxis_title="step",
         yaxis_title="layer / tensor",
         legend_title_text="phase",
@@ -598,3 +605,49 @@ def save_figure(fig: go.Figure, path: str | os.PathLike, **kwargs: Any) -> Path:
         valid = ", ".join([".html", ".json", *IMAGE_FORMATS])
         raise ValueError(f"path suffix {suffix or '(none)'!r} is not supported; use one of {valid}")
     return path
+
+
+def eig_min_figure(recordings: Any) -> go.Figure:
+    """The smallest eigenvalue of each symmetric factor (KFAC's A, G) over steps, signed, on
+    a linear axis, against ``-damping`` of its layer: a factor whose smallest eigenvalue
+    reaches ``-damping`` makes ``factor + damping I`` singular (the Cholesky fails)."""
+    recs = as_recordings(recordings)
+    fig = go.Figure()
+    multi = len(recs) > 1
+    n = 0
+    for r in recs:
+        m = r.metrics
+        damped = m[m["metric"] == "cond_damped"][["layer", "factor"]].drop_duplicates()
+        damping = m[(m["factor"] == "(optimizer)") & (m["metric"] == "damping")]
+        for layer, factor in damped.itertuples(index=False):
+            rows = m[(m["layer"] == layer) & (m["factor"] == factor) & (m["metric"] == "eig_min")]
+            name = (f"{r.name} · " if multi else "") + f"{layer} · {factor}"
+            color = PALETTE[n % len(PALETTE)]
+            n += 1
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["step"].tolist(), y=_finite(rows["value"]), mode="lines+markers",
+                    name=name, line={"color": color}, legendgroup=name,
+                    hovertemplate=f"{name}<br>step %{{x}}<br>smallest eigenvalue %{{y:.4g}}"
+                    "<extra></extra>",
+                )
+            )  # fmt: skip
+            d = damping[damping["layer"] == layer]
+            if len(d):
+                fig.add_trace(
+                    go.Scatter(
+                        x=d["step"].tolist(), y=(-d["value"]).tolist(), mode="lines",
+                        name=f"−damping ({name})", legendgroup=name, showlegend=False,
+                        line={"color": color, "dash": "dash"},
+                        hovertemplate="step %{x}<br>−damping %{y:.4g}<extra></extra>",
+                    )
+                )  # fmt: skip
+    if n == 0:
+        return _empty(fig, "no symmetric factors with a damping (KFAC) recorded")
+    fig.add_hline(y=0.0, line={"color": "#999", "width": 1})
+    fig.update_layout(
+        title={"text": "smallest eigenvalue of each factor (dashed: −damping)"},
+        xaxis_title="step",
+        yaxis_title="smallest eigenvalue (signed)",
+    )
+    return fig

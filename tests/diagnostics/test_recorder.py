@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import nn
 
 from diagnostics import Recorder
 from diagnostics.record import metrics as M
+from diagnostics.record.quantities.base import MODEL
 from diagnostics.record.recorder import make_schedule
 from singd.views import FactorView, LayerFactors
 
@@ -115,10 +117,11 @@ def test_bad_arguments_are_refused_with_clear_errors():
 # ---------------------------------------------------------------------------- per-step scalars
 
 
-def test_grad_update_norms_and_lr_match_hand_computation_for_adamw():
+@pytest.mark.parametrize("step_norms", [True, False])
+def test_grad_update_norms_and_lr_match_hand_computation_for_adamw(step_norms):
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    rec = Recorder(opt, model, every=2)
+    rec = Recorder(opt, model, every=2, step_norms=step_norms)
     x, y = _data()
     expected = {}
     for i in range(3):
@@ -140,7 +143,12 @@ def test_grad_update_norms_and_lr_match_hand_computation_for_adamw():
         assert st.loc[s, "grad_norm"] == pytest.approx(gn, rel=1e-5)
         assert st.loc[s, "update_norm"] == pytest.approx(un, rel=1e-5)
         assert st.loc[s, "lr"] == 0.01
-    assert math.isnan(st.loc[1, "grad_norm"])  # unrecorded: no norms
+    if step_norms:  # unrecorded steps get the total norms too
+        assert st.loc[1, "grad_norm"] == pytest.approx(expected[1][1], rel=1e-5)
+        assert st.loc[1, "update_norm"] == pytest.approx(expected[1][2], rel=1e-5)
+    else:
+        assert math.isnan(st.loc[1, "grad_norm"]) and math.isnan(st.loc[1, "update_norm"])
+    assert math.isnan(st.loc[1, "param_norm"])  # the parameter norm only on recorded steps
     assert st.loc[1, "loss"] == pytest.approx(expected[1][0], rel=1e-6)
     m = rec.recording.metrics
     layer0 = m[(m.step == 0) & (m.layer == "0") & (m.factor == "grad")]["value"].item()
@@ -504,7 +512,7 @@ def test_steps_without_a_loss_record_nan_and_raise_no_event():
     assert not rec._hooks.armed or rec.is_recorded(rec.current_step)
 
 
-def test_record_error_writes_an_event_that_says_why_the_run_stopped(tmp_path):
+def test_record_error_goes_to_its_own_table_not_to_the_nan_events(tmp_path):
     from diagnostics.record.recording import Recording
     from diagnostics.views.figures import events_figure
 
@@ -513,35 +521,38 @@ def test_record_error_writes_an_event_that_says_why_the_run_stopped(tmp_path):
     rec = Recorder(opt, model, every=1)
     rec.step(loss=1.0)
     rec.record_error(
-        RuntimeError("factor A of layer 0 cannot be inverted"), layer="0", tensor="A_inv"
+        RuntimeError("factor A of layer (model) cannot be inverted"), layer=MODEL, tensor="A_inv"
     )
     rec.close()
-    ev = rec.recording.events
-    assert len(ev) == 1
-    row = ev.iloc[0]
-    assert (row["step"], row["phase"], row["layer"], row["tensor"]) == (
-        1, "preconditioner update", "0", "A_inv",
+    assert len(rec.recording.events) == 0
+    err = rec.recording.errors
+    assert len(err) == 1
+    row = err.iloc[0]
+    assert (row["step"], row["phase"], row["layer"], row["tensor"], row["exception"]) == (
+        1, "preconditioner update", MODEL, "A_inv", "RuntimeError",
     )  # fmt: skip
-    assert row["message"] == "RuntimeError: factor A of layer 0 cannot be inverted"
+    assert row["message"] == "RuntimeError: factor A of layer (model) cannot be inverted"
     assert rec.recording.summary_row()["nan_inf_events"] == 0  # an error is not a NaN/Inf
     loaded = Recording.load(rec.recording.save(tmp_path / "r.rec"))
-    assert loaded.events["message"].tolist() == [row["message"]]
+    pd.testing.assert_frame_equal(loaded.errors, rec.recording.errors)
     fig = events_figure(loaded)
     assert [t.name for t in fig.data] == ["error (preconditioner update)"]
     assert "cannot be inverted" in str(fig.data[0].customdata[0])
+    assert "NaN/Inf events (0)" in fig.layout.title.text and "errors (1)" in fig.layout.title.text
     with pytest.raises(TypeError, match="exc must be"):
         rec.record_error(42)
 
 
-def test_train_records_the_kfac_inverse_failure_as_an_error_event():
+def test_train_records_the_kfac_inverse_failure_as_an_error_with_its_exception():
     from experiments.training import train
 
     options = {"factor_dtype": "bfloat16", "on_inverse_failure": "raise"}
     result = train("mlp", "kfac", steps=5, optimizer_options=options, record=True, progress=False)
-    ev = result.recording.events
-    errors = ev[ev["message"] != ""]
+    errors = result.recording.errors
     assert len(errors) == 1 and errors["phase"].iloc[0] == "preconditioner update"
+    assert errors["exception"].iloc[0] == "KFACInverseError"
     assert errors["message"].iloc[0].startswith("KFACInverseError")
+    assert (result.recording.events["message"] == "").all()
 
 
 # ---------------------------------------------------------------------------- cost cutting

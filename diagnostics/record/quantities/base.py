@@ -74,6 +74,8 @@ class Tables:
     spectra: list[SpectrumBlock] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     memory: list[MemoryRow] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    snapshots: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -123,6 +125,60 @@ class Params:
             cpu=all(p.device.type == "cpu" for p in tensors),
             flat=flat,
         )
+
+
+def layer_kind(module: nn.Module) -> str:
+    """What a layer is, in a few characters: ``"Linear 64→128"``, ``"Conv2d 3→16 3x3"``,
+    ``"Embedding 64×128"``, ``"LayerNorm 128"``; else the class name and its weight's shape."""
+    name = type(module).__name__
+    if isinstance(module, nn.Linear):
+        return f"{name} {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = "x".join(str(d) for d in module.kernel_size)
+        return f"{name} {module.in_channels}→{module.out_channels} {k}"
+    if isinstance(module, nn.Embedding):
+        return f"{name} {module.num_embeddings}×{module.embedding_dim}"
+    if name == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):  # transformers
+        return f"{name} {module.nx}→{module.nf}"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return f"{name} " + "×".join(str(d) for d in weight.shape)
+    shapes = ["×".join(str(d) for d in p.shape) for p in module.parameters(recurse=False)]
+    return " ".join([name, *shapes[:2]])
+
+
+class LayerIndex:
+    """Each layer's kind (`layer_kind`) and position in the forward pass: the order in which
+    the forward hooks saw the layers, else (not seen yet) the order of ``named_modules``."""
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self.kinds: dict[str, str] = {}
+        self._module_order: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+        if model is not None:
+            for i, (name, mod) in enumerate(model.named_modules()):
+                self.kinds.setdefault(name or MODEL, layer_kind(mod))
+                self._module_order.setdefault(name or MODEL, i)
+
+    def saw(self, layer: str) -> None:
+        """Note that ``layer``'s forward ran (the first time fixes its position)."""
+        if layer not in self.seen:
+            self.seen[layer] = len(self.seen)
+
+    def kind(self, layer: str) -> str:
+        """The layer's kind, or "" for names that are no module (``"(model)"``, ``param3``)."""
+        return "model" if layer == MODEL else self.kinds.get(layer, "")
+
+    def position(self, layer: str) -> tuple[int, int]:
+        """A sort key: earlier in the forward pass sorts first; unknown names last."""
+        if layer in self.seen:
+            return (0, self.seen[layer])
+        return (1, self._module_order.get(layer, 1 << 30))
+
+    def table(self, layers: list[str]) -> list[dict[str, Any]]:
+        """``meta["layers"]``: the given layers in forward order with kind and position."""
+        ordered = sorted(dict.fromkeys(layers), key=self.position)
+        return [{"layer": n, "kind": self.kind(n), "order": i} for i, n in enumerate(ordered)]
 
 
 def fused_norms(tensors: list[torch.Tensor], ord: float = 2) -> list[float]:

@@ -1,4 +1,5 @@
-"""`Events`: NaN/Inf events (one row per phase, layer and tensor) and recorded errors."""
+"""`Events`: NaN/Inf events (one row per phase, layer and tensor, in the order they
+happened) and recorded errors (rows of their own table)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from typing import Any
 import torch
 
 from diagnostics.record import metrics as M
-from diagnostics.record.quantities.base import MODEL, Finding, Params, Probe, StepContext, Tables
+from diagnostics.record.quantities.base import (
+    MODEL,
+    Finding,
+    LayerIndex,
+    Params,
+    Probe,
+    StepContext,
+    Tables,
+)
+
+_RANK = {"forward": 0, "backward": 2, "preconditioner update": 3, "parameter update": 4}
 
 
 class Events:
@@ -17,15 +28,37 @@ class Events:
 
     A probe whose norm is non-finite is counted in detail (`metrics.count_vector`); the
     counts of all such tensors are read with one host sync. Several tensors of one
-    (phase, layer, name) merge into one event. After ``max_events`` rows, further events
-    are dropped with one warning; errors (`error`) are always kept.
+    (phase, layer, name) merge into one event. Events are added in the order they happened
+    (`when`). After ``max_events`` rows, further events are dropped with one warning;
+    errors (`error`) go to their own table and are always kept.
     """
 
-    def __init__(self, params: Params, check_finite: str | bool, max_events: int) -> None:
+    def __init__(
+        self,
+        params: Params,
+        check_finite: str | bool,
+        max_events: int,
+        index: LayerIndex | None = None,
+    ) -> None:
         self.params = params
         self.check_finite = check_finite
         self.max_events = max_events
+        self.index = index if index is not None else LayerIndex(None)
         self._warned = False
+        self._order = 0
+
+    def when(self, f: Finding, seen: int) -> tuple:
+        """Sort key of a finding within its step: forward activations in forward order, the
+        loss, backward from the last layer to the first (a layer's output gradient before
+        its parameters' gradients), factors and state, then parameters; ``seen``: the
+        finding's place in the list (the hooks' own order breaks ties)."""
+        pos = self.index.position(f.layer)
+        if f.phase == "forward" and f.layer == MODEL and f.name == "loss":
+            return (1, (0, 0), 0, seen)
+        if f.phase == "backward":
+            own_grad = 0 if f.name.startswith("grad_") else 1
+            return (2, (-pos[0], -pos[1]), own_grad, seen)
+        return (_RANK.get(f.phase, 5), pos, 0, seen)
 
     def loss_probes(self, loss: Any) -> list[Probe]:
         """The loss as a probe (phase ``forward``), when it is a tensor or non-finite."""
@@ -70,6 +103,8 @@ class Events:
         found.extend(hooked)
         if not found:
             return
+        order = sorted(range(len(found)), key=lambda i: self.when(found[i], i))
+        found = [found[i] for i in order]
         counts = torch.stack([f.counts.to("cpu") for f in found]).tolist()
         merged: dict[tuple[str, str, str], dict[str, Any]] = {}
         for f, (nan, pos, neg, absmax) in zip(found, counts):
@@ -79,8 +114,10 @@ class Events:
             if ev is None:
                 merged[(f.phase, f.layer, f.name)] = {
                     "step": ctx.step,
+                    "order": -1,
                     "phase": f.phase,
                     "layer": f.layer,
+                    "kind": self.index.kind(f.layer),
                     "tensor": f.name,
                     "dtype": str(f.tensor.dtype).removeprefix("torch."),
                     "shape": str(tuple(f.tensor.shape)),
@@ -113,26 +150,29 @@ class Events:
                 )
                 self._warned = True
             new = new[: max(room, 0)]
+        for ev in new:
+            ev["order"] = self._order
+            self._order += 1
         tables.events.extend(new)
 
-    @staticmethod
     def error(
-        step: int, phase: str, layer: str, tensor: str, message: str, grad_scale: float
+        self,
+        step: int,
+        phase: str,
+        layer: str,
+        tensor: str,
+        exception: str,
+        message: str,
+        grad_scale: float,
     ) -> dict[str, Any]:
-        """The event row of an error that aborts training (zero NaN/Inf counts)."""
+        """The row of ``recording.errors`` for an error that ended or disturbed training."""
         return {
             "step": step,
             "phase": phase,
             "layer": layer,
+            "kind": self.index.kind(layer),
             "tensor": tensor,
-            "dtype": "",
-            "shape": "",
-            "numel": 0,
-            "n_nan": 0,
-            "n_posinf": 0,
-            "n_neginf": 0,
-            "finite_absmax": math.nan,
-            "grad_scale": grad_scale,
-            "skipped": True,
+            "exception": exception,
             "message": message,
+            "grad_scale": grad_scale,
         }

@@ -6,14 +6,17 @@ public view ``preconditioner_factors()``, structure-aware through `metrics.spect
 dense), and decomposed in batches by `metrics.parts_spectra` on upcast copies. Metrics by
 role: ``"root"`` (SINGD's K, C): ``norm_fro``, ``trace`` of ``M M^T`` (= the squared
 Frobenius norm, exact), ``eig_min``/``eig_max``/``cond`` of ``M M^T``, ``sv_min``/``sv_max``;
-``"symmetric"`` (KFAC): the same of ``M`` without singular values; ``"momentum"``:
-``norm_fro`` and ``norm_max``. A factor holding NaN/Inf gets NaN metrics and no spectrum.
+``"symmetric"`` (KFAC): the same of ``M`` without singular values, ``eig_min`` signed (a
+factor that lost definiteness in low precision shows it), and ``cond_damped``, the
+condition number of ``M + damping I`` (what KFAC inverts); ``"momentum"``: ``norm_fro`` and
+``norm_max``. Each layer's damping (from its parameter group) is a row of factor
+``"(optimizer)"``. A factor holding NaN/Inf gets NaN metrics and no spectrum.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -55,6 +58,7 @@ class JobItem(NamedTuple):
     plan: str
     spec: tuple | None = None
     entry: Entry | None = None
+    damping: float = math.nan
 
 
 @dataclass
@@ -90,8 +94,10 @@ class FactorSpectra:
         copy: bool,
         norms: ChangeCache,
         spectra_cache: ChangeCache,
+        damping: Callable[[str], float] | None = None,
     ) -> None:
         self.optimizer = optimizer
+        self.damping = damping if damping is not None else (lambda layer: math.nan)
         self.active = callable(getattr(optimizer, "preconditioner_factors", None))
         self.spectra = spectra
         self.max_dim = max_dim
@@ -139,6 +145,10 @@ class FactorSpectra:
             squares.append(sum(n * n for n in part_norms))
         rows, nan = tables.metrics, math.nan
         symmetric, momenta, items = [], [], []
+        for layer in dict.fromkeys(f.layer for f in factors):
+            d = self.damping(layer)
+            if math.isfinite(d):
+                rows.append(MetricRow(step, layer, "(optimizer)", "damping", d))
         for f, sq in zip(factors, squares):
             finite = math.isfinite(sq)
             rows.append(
@@ -166,15 +176,17 @@ class FactorSpectra:
         power-iteration extremes for the rest.
         """
         role, dim = f.view.role, f.view.dim
+        d = self.damping(f.layer) if role == "symmetric" else math.nan
         if not finite or dim == 0:
             self._spectra.drop(f.key)
-            return JobItem(f.layer, f.name, role, "nan")
+            return JobItem(f.layer, f.name, role, "nan", damping=d)
         entry = self._spectra.get(f.key, f.view.matrix, f.stamp)
         if entry is not None:
-            return JobItem(f.layer, f.name, role, "reuse", entry=entry)
+            return JobItem(f.layer, f.name, role, "reuse", entry=entry, damping=d)
         entry = self._spectra.put(f.key, f.stamp)
         parts = [p.clone() for p in f.parts] if self.copy else f.parts
-        return JobItem(f.layer, f.name, role, "decompose", (role, f.kind, parts, dim), entry)
+        spec = (role, f.kind, parts, dim)
+        return JobItem(f.layer, f.name, role, "decompose", spec, entry, d)
 
     def _traces(self, step: int, symmetric: list[tuple[Factor, bool]], tables: Tables) -> None:
         """Traces of symmetric factors (KFAC), one host sync."""
@@ -223,7 +235,12 @@ class FactorSpectra:
                 eig, estimated = next(res)
                 if it.entry is not None:
                     it.entry.value = (eig, estimated)
-            for metric, v in M.spectral_metrics(eig, it.role).items():
+            found = M.spectral_metrics(eig, it.role)
+            if math.isfinite(it.damping):
+                found["cond_damped"] = M.damped_condition(
+                    found["eig_max"], found["eig_min"], it.damping
+                )
+            for metric, v in found.items():
                 tables.metrics.append(MetricRow(s, it.layer, it.factor, metric, v))
             if eig.size:
                 tables.metrics.append(

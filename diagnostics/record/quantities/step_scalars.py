@@ -40,7 +40,8 @@ class StepScalars:
     ``metrics``, totals in ``steps``) and each parameter group's learning rate.
 
     The update is the difference of the parameters before and after ``optimizer.step()``:
-    `snapshot` copies them from the optimizer's step pre-hook of a recorded step.
+    `snapshot` copies them (into buffers kept from step to step) from the optimizer's step
+    pre-hook. On unrecorded steps `totals` gives the total gradient and update norms.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Params) -> None:
@@ -48,6 +49,7 @@ class StepScalars:
         self.params = params
         self._grad_names = [short + ".grad" for _, short in params.names]
         self._before: list[torch.Tensor] | None = None
+        self._buffers: list[torch.Tensor] | None = None
 
     def row(
         self, step: int, loss: Any, step_time: float, skipped: bool, recorded: bool, extra: dict
@@ -87,10 +89,37 @@ class StepScalars:
     def snapshot(self) -> None:
         """Copy the parameters before ``optimizer.step()`` (for the update norm)."""
         p = self.params
-        if p.flat:  # one copy of all parameters instead of one per tensor
-            self._before = [torch.cat([t.detach().reshape(-1) for t in p.tensors])]
-        else:
-            self._before = [t.detach().clone() for t in p.tensors]
+        bufs = self._buffers
+        if bufs is None or any(b.device != t.device for b, t in zip(bufs, p.tensors)):
+            if p.flat:  # one copy of all parameters instead of one per tensor
+                bufs = [
+                    torch.empty(sum(p.sizes), dtype=p.tensors[0].dtype, device=p.tensors[0].device)
+                ]
+            else:
+                bufs = [torch.empty_like(t) for t in p.tensors]
+            self._buffers = bufs
+        if p.flat:
+            torch.cat([t.detach().reshape(-1) for t in p.tensors], out=bufs[0])
+        elif bufs:
+            torch._foreach_copy_(bufs, [t.detach() for t in p.tensors])
+        self._before = bufs
+
+    @torch.no_grad()
+    def totals(self, skipped: bool) -> tuple[Any, Any]:
+        """Total gradient and update norms of an unrecorded step: floats on the CPU, 0-d
+        tensors elsewhere (read when the recording is built: no host sync now)."""
+        grads = [t.grad for t in self.params.tensors if t.grad is not None]
+        grads = [g for g in grads if g.is_floating_point()]
+        updates = self.update_tensors()
+        out: list[Any] = []
+        for ts in (grads, updates):
+            if not ts:
+                out.append(0.0 if skipped and ts is updates else math.nan)
+                continue
+            norms = torch._foreach_norm(ts)
+            total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
+            out.append(float(total) if self.params.cpu else total)
+        return out[0], out[1]
 
     def forget(self) -> None:
         """Drop the snapshot (end of a step)."""
