@@ -19,6 +19,7 @@ from experiments.real_models import (  # noqa: E402
     entropy_rate_bound,
     markov_language,
 )
+from singd import SINGD  # noqa: E402
 from singd.capture import LAYER_KINDS, find_layers, is_conv1d  # noqa: E402
 
 #: Linear-like parameters each workload leaves to the fallback on purpose, with the reason.
@@ -71,3 +72,30 @@ def test_workloads_are_deterministic_per_seed(name):
 def test_unknown_workload_name_is_rejected_with_the_valid_names():
     with pytest.raises(ValueError, match="llama"):
         build_real_workload("bert")
+
+
+@pytest.mark.skipif(
+    "MultiheadAttention" not in getattr(SINGD, "LAYER_KINDS", ()),
+    reason="SINGD does not take the new layer kinds yet (base/optimizer integration pending)",
+)
+@pytest.mark.parametrize("name", sorted(REAL_WORKLOADS))
+def test_singd_preconditions_each_workload_and_its_loss_falls(name):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    w = build_real_workload(name)
+    opt = SINGD(w.model, lr=0.02, damping=1e-2, T=2, warn_unsupported=False)
+    fallback = {id(p) for p in opt.fallback_parameters().values()}
+    left = {n for n, p in linear_like(w.model).items() if id(p) in fallback}
+    assert left == set(EXPECTED_FALLBACK.get(name, {}))
+    losses = []
+    for _ in range(6):  # one fixed batch: its loss must fall within a few steps
+        opt.zero_grad()
+        loss = w.loss(w.train[0])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert set(opt.preconditioner_factors()) == set(
+        find_layers(w.model, w.model.parameters(), LAYER_KINDS).layers
+    )
