@@ -281,7 +281,7 @@ def _condition_traces(r: Recording, factor: str | None, metric: str) -> list[go.
         style = {"color": PALETTE[layers.index(ly) % len(PALETTE)],
                  "dash": dashes[sides.index(fa) % len(dashes)]}  # fmt: skip
         label = f"{labels.get(ly, ly)} · {fa}"
-        lam = added_damping(r, fa) if metric == "cond" else None
+        lam = added_damping(r, fa, ly) if metric == "cond" else None
         if lam is not None and (ly, fa) in used:
             steps, values = zip(*used[(ly, fa)]) if used[(ly, fa)] else ((), ())
             what = f"cond({fa} + λI), λ = {lam:g}: the matrix the optimizer inverts"

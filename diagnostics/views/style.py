@@ -88,12 +88,19 @@ def preconditioning_factors(recording: Recording) -> list[tuple[str, str]]:
     return [(str(ly), str(fa)) for ly, fa in seen if is_preconditioning(str(fa))]
 
 
-def added_damping(recording: Recording, factor: str) -> float | None:
+def added_damping(recording: Recording, factor: str, layer: str | None = None) -> float | None:
     """The damping ``lambda`` the optimizer adds to ``factor`` before inverting it (KFAC inverts
     ``A + lambda I`` and ``G + lambda I``), else None (SINGD's damping acts inside its update of
-    K and C, so K K^T is already the preconditioner)."""
+    K and C, so K K^T is already the preconditioner). The layer's recorded ``damping`` wins
+    over the run's hyper-parameters."""
     if factor not in ("A", "G"):
         return None
+    m = recording.metrics
+    rows = m[(m["factor"] == "(optimizer)") & (m["metric"] == "damping")]
+    if layer is not None and len(rows):
+        mine = rows.loc[rows["layer"] == layer, "value"]
+        if len(mine) and math.isfinite(mine.iloc[-1]) and mine.iloc[-1] > 0:
+            return float(mine.iloc[-1])
     meta = recording.meta
     groups = meta.get("hyperparameters") or []
     kfac = str(meta.get("optimizer", "")).upper().startswith("KFAC") or any(
@@ -213,15 +220,19 @@ def first_failure(recording: Recording) -> tuple[int, str, str | None] | None:
 def damped_condition(recording: Recording) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """``{(layer, factor): [(step, cond), ...]}`` of every preconditioning factor: the condition
     number of the matrix the optimizer uses (``A + λI`` where it adds damping, see
-    `added_damping`), inf where that matrix is not positive definite."""
+    `added_damping`: the recorded ``cond_damped``, else computed from ``eig_min`` and
+    ``eig_max``), inf where that matrix is not positive definite."""
     m = recording.metrics
-    m = m[m["metric"].isin(("cond", "eig_min", "eig_max"))]
+    m = m[m["metric"].isin(("cond", "cond_damped", "eig_min", "eig_max"))]
     parts = {k: g.sort_values("step") for k, g in m.groupby(["layer", "factor", "metric"])}
     out = {}
     for layer, factor in preconditioning_factors(recording):
-        lam = added_damping(recording, factor)
+        lam = added_damping(recording, factor, layer)
         lo, hi = parts.get((layer, factor, "eig_min")), parts.get((layer, factor, "eig_max"))
-        if lam is not None and lo is not None and hi is not None:
+        recorded = parts.get((layer, factor, "cond_damped"))
+        if lam is not None and recorded is not None:
+            out[(layer, factor)] = list(zip(recorded["step"].tolist(), recorded["value"].tolist()))
+        elif lam is not None and lo is not None and hi is not None:
             pairs = zip(lo["step"].tolist(), lo["value"].tolist(), hi["value"].tolist())
             out[(layer, factor)] = [
                 (s, (b + lam) / (a + lam) if a + lam > 0 else math.inf) for s, a, b in pairs

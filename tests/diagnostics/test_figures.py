@@ -149,6 +149,14 @@ def test_condition_figure_plots_the_damped_kfac_factor_and_keeps_the_raw_one_in_
     assert list(line.y) == [5.0, 5.0] and "K·Kᵀ" in line.hovertemplate
 
 
+def test_condition_figure_prefers_the_recorded_damped_condition_and_layer_damping():
+    meta = {"optimizer": "KFAC", "hyperparameters": [{"damping": 0.1}]}
+    rows = [("1", "A", "eig_min", 0.0), ("1", "A", "eig_max", 10.0), ("1", "A", "cond_damped", 7.0),
+            ("1", "(optimizer)", "damping", 0.5)]  # fmt: skip
+    damped = condition_figure(_factor_rec("kfac", meta, rows)).data[0]
+    assert list(damped.y) == [7.0, 7.0] and "λ = 0.5" in damped.hovertemplate
+
+
 def test_events_figure_has_one_trace_per_phase_with_event_fields_in_hover():
     fig = events_figure(_rec("a"))
     assert [t.name for t in fig.data] == ["forward", "backward"]
