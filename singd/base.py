@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from singd.capture import Capture, Layer, find_layers, unwrap_model, weak_method
+from singd.capture import (
+    BASIC_KINDS,
+    Capture,
+    Layer,
+    find_layers,
+    unwrap_model,
+    weak_method,
+)
 from singd.update import heavy_ball_step_
 
 # ---------------------------------------------------------------------- hyper-parameter checks
@@ -181,6 +188,8 @@ class KroneckerOptimizer(Optimizer):
     DEFAULTS: ClassVar[dict[str, Any]] = {}
     #: unscale gradients by multiplying with ``1 / scale`` (else by dividing by ``scale``)
     _unscale_by_reciprocal: ClassVar[bool] = False
+    #: layer kinds preconditioned (see :data:`singd.capture.LAYER_KINDS`)
+    LAYER_KINDS: ClassVar[tuple[str, ...]] = BASIC_KINDS
     #: whether fallback parameters may have sparse gradients
     _sparse_fallback_ok: ClassVar[bool] = False
 
@@ -303,7 +312,9 @@ class KroneckerOptimizer(Optimizer):
         model_params = {id(p) for p in self._model.parameters()}
         if not {id(p) for g in groups for p in g["params"]} <= model_params:
             raise ValueError("params contains tensors that are not parameters of model")
-        search = find_layers(self._model, [p for g in groups for p in g["params"]])
+        search = find_layers(
+            self._model, [p for g in groups for p in g["params"]], self.LAYER_KINDS
+        )
         layers = {}
         for name, layer in search.layers.items():
             group = group_of[id(layer.weight)]
@@ -327,7 +338,7 @@ class KroneckerOptimizer(Optimizer):
         self._fallback.update({n: p for n, (p, _) in search.others.items()})
         if noisy:
             warnings.warn(
-                f"{type(self).__name__} preconditions only nn.Linear and nn.Conv2d layers; "
+                f"{type(self).__name__} preconditions {', '.join(self.LAYER_KINDS)} layers; "
                 "these parameters are trained by the first-order fallback "
                 f"({HeavyBallFallback.description}): " + ", ".join(noisy),
                 UserWarning,

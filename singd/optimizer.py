@@ -26,7 +26,7 @@ from singd.base import (
     check_number,
     is_number,
 )
-from singd.capture import KFAC_APPROXIMATIONS, LOSS_AVERAGES, Layer
+from singd.capture import KFAC_APPROXIMATIONS, LAYER_KINDS, LOSS_AVERAGES, Layer
 from singd.distributed import default_reducer
 from singd.dtypes import FLOAT_DTYPES, resolve_dtype
 from singd.statistics import Accumulator, Statistics, accumulate, finalize, grad_term, input_term
@@ -244,6 +244,7 @@ class SINGD(KroneckerOptimizer):
     """
 
     DEFAULTS = DEFAULTS
+    LAYER_KINDS = LAYER_KINDS
 
     def __init__(
         self,
@@ -306,10 +307,17 @@ class SINGD(KroneckerOptimizer):
         dk, dc = cfg.preconditioner_dtype
         return (dk or w.dtype, dc or w.dtype)
 
+    @staticmethod
+    def _structures(layer: Layer, cfg: SINGDConfig) -> tuple[str, str]:
+        """The K and C structures of a layer: the group's, except where the layer fixes K
+        (an embedding's one-hot input makes K diagonal)."""
+        sk, sc = cfg.structures
+        return (layer.k_structure or sk, sc)
+
     def _new_layer(self, layer: Layer, group: dict) -> _LayerState:
         """Identity factors (zero momenta when alpha1 > 0) for a layer."""
         cfg = self._config(group)
-        clsK, clsC = (structure(s) for s in cfg.structures)
+        clsK, clsC = (structure(s) for s in self._structures(layer, cfg))
         dk, dc = self._dtypes(layer, cfg)
         dev = layer.weight.device
         st = _LayerState(
@@ -545,6 +553,7 @@ class SINGD(KroneckerOptimizer):
         """Precondition the layer gradients and apply the heavy-ball update, per group."""
         batches = {key: FirstOrderBatch([], []) for key in configs}
         diagonal: dict[int, _DiagonalGrads] = {}
+        assembled: dict[int, dict[Tensor, Tensor]] = {}
         for st in self._layers.values():
             layer = st.layer
             if layer.weight.grad is None:
@@ -555,6 +564,7 @@ class SINGD(KroneckerOptimizer):
                 gK is not None
                 and gC is not None
                 and gK.kind == gC.kind == "diag"
+                and not layer.sliced
                 and all(
                     p.grad is not None and p.grad.dtype == gK.value.dtype == gC.value.dtype
                     for p in layer.params()
@@ -571,8 +581,20 @@ class SINGD(KroneckerOptimizer):
             if grad_div != 1.0:
                 G.div_(grad_div)
             D = precondition(G, st.K, st.C, gK, gC)
+            if layer.sliced:  # a block of a parameter: written into its whole direction
+                whole = assembled.setdefault(id(st.group), {})
+                for p in layer.params():
+                    if p not in whole:  # rows no layer covers keep the raw gradient
+                        whole[p] = p.grad / grad_div if grad_div != 1.0 else p.grad.clone()
+                targets = layer.parts([whole[p] for p in layer.params()])
+                for part, d in zip(targets, layer.split(D)):
+                    part.copy_(d)
+                continue
             batches[id(st.group)].params.extend(layer.params())
             batches[id(st.group)].directions.extend(layer.split(D))
+        for key, whole in assembled.items():
+            batches[key].params.extend(whole)
+            batches[key].directions.extend(whole.values())
         for key, grads in diagonal.items():
             D = precondition_diagonal(grads.grads, grads.lefts, grads.rights)
             if grad_div != 1.0:
@@ -594,7 +616,7 @@ class SINGD(KroneckerOptimizer):
         out: dict[str, LayerFactors] = {}
         for name, st in self._layers.items():
             cfg = self._config(st.group)
-            sk, sc = cfg.structures
+            sk, sc = self._structures(st.layer, cfg)
             factors = {
                 "K": FactorView(st.K, "root", sk),
                 "C": FactorView(st.C, "root", sc),

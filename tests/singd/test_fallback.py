@@ -21,18 +21,19 @@ def test_fallback_trains_every_other_parameter_and_one_warning_lists_them():
         opt = SINGD(model, **FAST)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert len(messages) == 1
-    for name in (
-        "emb.weight",
-        "attn.in_proj_weight",
-        "attn.in_proj_bias",
-        "attn.out_proj.weight",
-        "attn.out_proj.bias",
-        "norm.weight",
-        "bn.weight",
-        "gain",
-    ):
+    for name in ("norm.weight", "norm.bias", "bn.weight", "bn.bias", "gain"):
         assert name in messages[0]
-    assert set(opt.preconditioner_factors()) == {"lin", "head"}
+    for name in ("emb.weight", "attn.in_proj_weight", "attn.out_proj.weight"):
+        assert name not in messages[0]  # preconditioned layer kinds
+    assert set(opt.preconditioner_factors()) == {
+        "lin",
+        "head",
+        "emb",
+        "attn.q_proj",
+        "attn.k_proj",
+        "attn.v_proj",
+        "attn.out_proj",
+    }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokens, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
     with warnings.catch_warnings():
