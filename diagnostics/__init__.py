@@ -3,6 +3,7 @@
 See docs/architecture.md for the rooms and what each may import.
 """
 
+from diagnostics.diagnose import Diagnosis, diagnose
 from diagnostics.record.recorder import Recorder
 from diagnostics.record.recording import Recording
 from diagnostics.views.figures import (
@@ -19,6 +20,7 @@ from diagnostics.views.summary import RunSummary, run_status, run_summary
 
 __all__ = [
     "Dashboard",
+    "Diagnosis",
     "Recorder",
     "Recording",
     "RunSummary",
@@ -26,6 +28,7 @@ __all__ = [
     "condition_figure",
     "curves_figure",
     "dashboard",
+    "diagnose",
     "events_figure",
     "memory_figure",
     "report",

@@ -97,6 +97,7 @@ from diagnostics.record.quantities.base import (
 )
 from diagnostics.record.quantities.factors import SpectraJob
 from diagnostics.record.quantities.flight import FlightRecorder
+from diagnostics.record.quantities.rounding import Rounding
 from diagnostics.record.quantities.step_scalars import loss_value
 from diagnostics.record.recording import COLUMNS, PHASES, Recording, frame_from_rows
 from diagnostics.record.worker import SpectraWorker, auto_workers
@@ -310,6 +311,7 @@ class Recorder:
         self._events = Events(self._params, self.check_finite, max_events, self._index)
         self._memory = Memory(optimizer, self._params) if memory else None
         self._activations = Activations()
+        self._rounding = Rounding(optimizer, self._params)
         self._flight = FlightRecorder(flight if self._factors.active else 0)
         self._worker = SpectraWorker(
             self.workers if self._use_worker else 0, self._factors.compute, self._merge
@@ -610,6 +612,7 @@ class Recorder:
         self._flight.keep(s, factors)
         self._state.record_norms(s, groups["state"], by_group["state"], tables)
         self._scalars.record(ctx, groups["scalars"], by_group["scalars"], update_norms, tables)
+        self._rounding.record(s, updates, tables)
         job = self._factors.record(s, factors, by_group["factors"], tables) if factors else None
         if self.spectra:
             self._state.record_moments(s, state_items, tables)

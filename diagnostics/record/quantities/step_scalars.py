@@ -145,7 +145,9 @@ class StepScalars:
         update_norms: list[float],
         tables: Tables,
     ) -> None:
-        """Per-layer and total norms of gradients, parameters and updates; learning rates."""
+        """Per-layer and total norms of gradients, parameters and updates; per parameter
+        (factor = its short name, e.g. ``weight``) ``grad_norm`` and ``update_norm``;
+        learning rates."""
         sq: dict[str, dict[str, float]] = {"grad": {}, "param": {}, "update": {}}
         kinds = {"backward": sq["grad"], "parameter update": sq["param"]}
         for probe, n in zip(probes, norms):
@@ -154,6 +156,11 @@ class StepScalars:
         for (layer, _), n in zip(self.params.names, update_norms):
             sq["update"][layer] = sq["update"].get(layer, 0.0) + n * n
         s, rows = ctx.step, tables.metrics
+        for probe, n in zip(probes, norms):  # per parameter: what `diagnose` needs for stalls
+            if probe.phase == "backward":
+                rows.append(MetricRow(s, probe.layer, probe.name[:-5], "grad_norm", n))
+        for (layer, short), n in zip(self.params.names, update_norms):
+            rows.append(MetricRow(s, layer, short, "update_norm", n))
         for kind, d in sq.items():
             for layer, v in d.items():
                 rows.append(MetricRow(s, layer, kind, "norm", math.sqrt(v)))
