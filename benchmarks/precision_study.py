@@ -219,7 +219,7 @@ def choose_lr(rows: Sequence[dict[str, Any]]) -> float:
 
 # ---------------------------------------------------------------------- predicted memory
 def stored_entries(structure: str, d: int) -> int:
-    """Entries a structure stores for dimension d, from the DESIGN table (section 2)."""
+    """Entries a structure stores for dimension d (the storage of each ``singd.structures``)."""
     if structure == "dense":
         return d * d
     if structure in ("diagonal", "triltoeplitz", "triutoeplitz"):

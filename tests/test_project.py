@@ -82,6 +82,6 @@ def long_functions(package: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("package", ["singd"])
+@pytest.mark.parametrize("package", ["singd", "diagnostics", "experiments"])
 def test_no_function_is_longer_than_the_limit(package):
     assert long_functions(package) == []

@@ -8,7 +8,8 @@ stored tensors, dtype/device moves, norms, ``state_dict`` conversion and input v
 
 Conventions:
 
-* ``cls.from_dense(M)`` is the projection ``Pi`` of DESIGN section 2 for a *symmetric* ``M``
+* ``cls.from_dense(M)`` is SINGD's projection ``Pi`` (docs/architecture.md, 'singd: the
+  optimizer') for a *symmetric* ``M``
   (entries outside the pattern are dropped, one-sided entries of a triangular pattern are
   doubled, tied entries are averaged). Each structure writes ``Pi`` once, as a classmethod
   ``_project`` taking the parts of ``M`` it needs; ``from_dense``, ``from_inner(X)`` and
@@ -421,8 +422,8 @@ def cached_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-#: Result sizes from which :func:`symmetric_gram` splits into blocks (measured: 513 wide
-#: fp32 Grams 2.9 -> 2.3 ms on one thread; below about 256 the extra ops cost more).
+#: Result sizes from which :func:`symmetric_gram` splits into blocks (3/4 of the flops of one
+#: full product from there; below, the extra calls cost more than the flops they save).
 _GRAM_BLOCKS_FROM = 256
 
 

@@ -35,7 +35,7 @@ def _scalar(value: float, dtype: torch.dtype) -> Tensor:
     """``value`` as a cached 0-dim CPU tensor in the computation precision of ``dtype``.
 
     ``t.mul_(x)`` / ``t.div_(x)`` with a Python number wrap it into a tensor on every call
-    (about 1.5 us on one thread, as much as the op at these sizes); a CPU scalar tensor is
+    (an overhead comparable to the op itself at these sizes); a CPU scalar tensor is
     read the same way (in float32 for 16-bit and float32 tensors, float64 for float64), so
     the results are identical.
     """

@@ -30,8 +30,8 @@ from torch import Tensor
 from singd.structures.base import Scalar, StructuredMatrix, view_setter
 
 #: :meth:`Hierarchical.from_gram` works by bands from ``dim >= 4 (k1 + k2)``, below by two
-#: dense products (measured, one thread, hierarchical15_15, dense route -> bands: dim 145
-#: 185 -> 93 us, dim 129 143 -> 86 us, but dim 65 55 -> 74 us).
+#: dense products (below, the bands' extra calls cost more than the dense products' wasted
+#: flops).
 _FROM_GRAM_BANDS_FROM = 4
 
 
@@ -110,9 +110,9 @@ class Hierarchical(StructuredMatrix):
         return [self.top, self._c, self.bot]
 
     def _views(self) -> _Views:
-        """The block views of the bands, made once per instance (a view costs 1-2 us, half
-        a small product; factors are reused over many steps and their bands are only ever
-        written in place, never replaced)."""
+        """The block views of the bands, made once per instance (making a view costs about
+        as much as a small product; factors are reused over many steps and their bands are
+        only ever written in place, never replaced)."""
         views = self.__dict__.get("_cached_views")
         if views is None:
             views = self._cached_views = _Views(self.top, self._c, self.bot)

@@ -24,11 +24,9 @@ from torch import Tensor
 
 from singd.structures.base import Scalar, StructuredMatrix
 
-#: Sizes below which products and statistics use the dense ``d x d`` Toeplitz matrix.
-#: Measured, fp32, one thread, in us (dense / FFT at the lengths of `_fft_size`):
-#: ``from_inner`` of 128 columns d = 129 192 / 383, 200 345 / 429, 256 579 / 437;
-#: products with 128 columns d = 200 139 / 238, 256 216 / 240, 300 286 / 325; with 10
-#: columns d = 129 47 / 79, 200 89 / 80, 256 133 / 75.
+#: Sizes below which products and statistics use the dense ``d x d`` Toeplitz matrix: the
+#: FFT's constant costs more than the dense ``O(n d^2)`` there; Toeplitz timings in
+#: benchmarks/RESULTS.md, 'Structured matrices'.
 _DENSE_BELOW = 224
 
 
@@ -74,9 +72,8 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
 def _fft_size(d: int) -> int:
     """The smallest even FFT length >= 2d - 1 (no wrap-around) with no prime factor above 5.
 
-    A power of two is often twice as long (d = 513: 1080 instead of 2048), and measured on
-    128 rows, one thread: ``from_inner`` d = 513 1.0 ms (1080) vs 4.2 ms (2048, which no
-    longer fits a core's L2 cache), d = 1025 2.0 vs 3.2 ms, d = 320 0.6 vs 2.0 ms."""
+    A power of two is often twice as long (d = 513: 1080 instead of 2048), so the shorter
+    5-smooth length does less work and keeps the FFT buffers in cache for longer."""
     n = 2 * d - 1
     if n <= 2:
         return n

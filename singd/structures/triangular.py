@@ -29,12 +29,11 @@ def _pi_mask(d: int, lower: bool, dtype: torch.dtype, device: torch.device) -> T
 
 # ---------------------------------------------------------------------- blocked products
 #: Matrices of at least this size use the blocked triangular products below (smaller ones:
-#: one BLAS product of the masked dense tensor, which is cheaper than several small calls).
-#: Measured on one thread, K m + Pi(K^T K) + Pi(K^T X X^T K) + Pi(K^T A K): d = 160 plain
-#: 0.52 ms vs blocked 0.57 ms; d = 192 0.83 vs 0.72; d = 256 1.8 vs 1.3; d = 513 17 vs 6.6.
+#: one BLAS product of the masked dense tensor, which is cheaper than several small calls;
+#: from here the blocks' skipped zero half saves more than their extra calls cost).
 BLOCKED_FROM = 192
-#: Width of the blocks of the blocked products (the last block takes the remainder); 64, 96
-#: and 160 were no faster at d = 513, 256 was slower.
+#: Width of the blocks of the blocked products (the last block takes the remainder):
+#: narrower blocks add calls, wider ones skip less of the zero half.
 BLOCK = 128
 
 
@@ -57,9 +56,9 @@ def _block_edges(d: int, width: int) -> tuple[tuple[int, int], ...]:
 BLOCKED_DENSE_FROM = 16384
 
 
-#: ``S S^T X`` with at most this many columns in ``X`` runs as ``(X^T S S^T)^T``: MKL's
-#: products with a thin right-hand side are 3-4x slower than the transposed form (measured
-#: d = 129 and 513 with 10 columns, d = 256 with 4; from 16 columns the plain form wins).
+#: ``S S^T X`` with at most this many columns in ``X`` runs as ``(X^T S S^T)^T``: BLAS
+#: products with a thin right-hand side are slower than the transposed, wide form; from
+#: 16 columns the plain form wins.
 THIN = 12
 
 

@@ -1,4 +1,4 @@
-"""The notebooks' asserted claims hold with margin on any CPU (DESIGN.md section 5).
+"""The notebooks' asserted claims hold with margin on any CPU.
 
 Another machine differs from this one in the kernels torch and MKL pick; both read that choice
 from the environment, so each kernel setting below reproduces another CPU here. A claim that

@@ -1,4 +1,5 @@
-"""A slow, independent SINGD written from DESIGN section 2 with dense matrices, for tests.
+"""A slow, independent SINGD written from the paper's update rules with dense matrices, for
+tests (the algorithm: docs/architecture.md, 'singd: the optimizer').
 
 Everything is a dense tensor; structured factors are kept in their structure by projecting
 symmetric terms with ``cls.from_dense`` (Pi) after every operation that needs it and by
@@ -44,7 +45,7 @@ def conv_patch_rows(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def ref_rows(module: nn.Module, x: Tensor, grad: Tensor, approx: str, loss_average):
-    """(a, g) rows, normalised as in DESIGN section 2."""
+    """(a, g) rows, normalised as in SINGD's statistics (docs/architecture.md, 'singd')."""
     if isinstance(module, nn.Conv2d):
         P = conv_patch_rows(module, x)  # B, O1, O2, G, d
         B = P.shape[0]

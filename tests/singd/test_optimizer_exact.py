@@ -1,5 +1,6 @@
 """SINGD against an independent dense reference (tests/singd/singd_reference.py) and IKFAC's
-fixed point: the fast structured path must compute exactly DESIGN section 2."""
+fixed point: the fast structured path must compute exactly SINGD's update (docs/architecture.md,
+'singd: the optimizer')."""
 
 from __future__ import annotations
 

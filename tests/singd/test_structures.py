@@ -1,6 +1,6 @@
 """Every operation of every structure against dense math on ``to_dense()``.
 
-The reference projection ``ref_pi`` is written here from DESIGN section 2 directly (pattern
+The reference projection ``ref_pi`` is written here from its definition directly (pattern
 masks per structure, one-sided entries doubled, ties averaged), independently of the
 library's ``from_dense``. Factors are random and non-symmetric (``from_dense`` of a
 non-symmetric matrix keeps its pattern entries) as well as symmetric.
@@ -27,7 +27,7 @@ def params(name: str) -> tuple[int, ...]:
 
 
 def pattern(name: str, d: int) -> torch.Tensor:
-    """Boolean d x d mask of the free entries, from the DESIGN table."""
+    """Boolean d x d mask of the free entries, from each structure's definition."""
     i = torch.arange(d).unsqueeze(1)
     j = torch.arange(d).unsqueeze(0)
     if name == "dense":
@@ -62,7 +62,7 @@ def pattern(name: str, d: int) -> torch.Tensor:
 
 
 def ref_pi(name: str, M: torch.Tensor) -> torch.Tensor:
-    """Pi of DESIGN section 2 as a dense matrix: keep, double one-sided, average ties."""
+    """Pi as a dense matrix: keep, double one-sided, average ties."""
     d = M.shape[0]
     P = pattern(name, d)
     one_sided = P & ~P.T
@@ -77,7 +77,7 @@ def ref_pi(name: str, M: torch.Tensor) -> torch.Tensor:
 
 
 def numel_formula(name: str, d: int) -> int:
-    """Stored entries per the DESIGN table (hierarchical: its block sizes summed exactly)."""
+    """Stored entries per structure (hierarchical: its block sizes summed exactly)."""
     if name == "dense":
         return d * d
     if name in ("diagonal", "triltoeplitz", "triutoeplitz"):

@@ -30,7 +30,7 @@ def triangle(name: str, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 
 def ref_pi(name: str, S: torch.Tensor) -> torch.Tensor:
-    """Pi onto a triangle written from DESIGN section 2: keep the triangle, double the
+    """Pi onto a triangle written from its definition: keep the triangle, double the
     one-sided off-diagonal entries."""
     off = S.tril(-1) if name == "tril" else S.triu(1)
     return off * 2 + torch.diag(S.diagonal())
