@@ -16,9 +16,16 @@ Configurations (each against the same training loop without any recorder):
 - ``every4``: ``every=4``, the defaults (``workers="auto"``);
 - ``every4-inline``: ``every=4, workers=0`` (full spectra on the training thread).
 
-With ``--previous REV`` the recorder of git revision REV (``diagnostics/recorder.py`` and
-``diagnostics/metrics.py`` read with ``git show`` into a temporary directory) trains
-alongside in the same interleaved run, in the configurations named ``prev-...``.
+``--workload llama`` (default; the targets): a 2-layer HF Llama, hidden 128, fp32, batches
+of 8 x 64 random tokens, SINGD dense with T=10, in the configurations ``every10``
+(defaults: ``budget=0.05``), ``every10-nospectra``, ``every10-exact`` (``budget=None``:
+exact spectra of every factor, for teaching) and ``every10-nostepnorms`` (what the
+per-step total norms cost). Targets: <= +5 % step time with defaults, <= +2 % with spectra
+off. ``--workload digits-mlp``: the MLP below (reported, not targeted).
+
+With ``--previous REV`` the recorder of git revision REV (its ``diagnostics`` package from
+``git archive`` in a temporary directory) trains alongside in the same interleaved run,
+in the configurations named ``prev-...``.
 
 Method: every configuration trains its own identically seeded model on the same batches,
 and all of them advance *together*, one block of 10 steps each (one recording period,
@@ -66,6 +73,15 @@ CONFIGS: dict[str, dict | None] = {
     "every4": {"every": 4},
     "every4-inline": {"every": 4, "workers": 0},
 }
+#: On the Llama: defaults (budget 0.05), spectra off, exact everything (budget=None).
+LLAMA_CONFIGS: dict[str, dict | None] = {
+    "none": None,
+    "every10": {"every": 10},
+    "every10-nospectra": {"every": 10, "spectra": False},
+    "every10-exact": {"every": 10, "budget": None},
+    "every10-nostepnorms": {"every": 10, "step_norms": False},
+}
+LLAMA_PREVIOUS: dict[str, dict] = {"prev-every10": {"every": 10}}
 PREVIOUS: dict[str, dict] = {
     "prev-every10-inline": {"every": 10, "workers": 0},
     "prev-every10-nospectra": {"every": 10, "spectra": False},
@@ -75,24 +91,41 @@ PREVIOUS: dict[str, dict] = {
 
 
 def load_previous(rev: str) -> type:
-    """The `Recorder` class of git revision ``rev`` (with that revision's metrics module)."""
+    """The `Recorder` class of git revision ``rev``: that revision's ``diagnostics`` package
+    (``git archive`` into a temporary directory), imported under its own name while this
+    one is set aside, then this one restored (the old classes keep their own modules)."""
     import importlib
+    import io
     import subprocess
     import sys
+    import tarfile
     import tempfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="recorder_prev_"))
-    for name in ("recorder", "metrics"):
-        src = subprocess.run(
-            ["git", "show", f"{rev}:diagnostics/{name}.py"],
-            cwd=root, check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        src = src.replace("from diagnostics.record import metrics as M", "import prev_metrics as M")
-        (tmp / f"prev_{name}.py").write_text(src)
+    tar = subprocess.run(
+        ["git", "archive", rev, "diagnostics"], cwd=root, check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(tmp, filter="data")
+    ours = {
+        k: v for k, v in sys.modules.items() if k == "diagnostics" or k.startswith("diagnostics.")
+    }
+    for k in ours:
+        del sys.modules[k]
     sys.path.insert(0, str(tmp))
-    return importlib.import_module("prev_recorder").Recorder
+    try:
+        try:
+            module = importlib.import_module("diagnostics.record.recorder")
+        except ModuleNotFoundError:  # before the move into diagnostics/record/
+            module = importlib.import_module("diagnostics.recorder")
+        return module.Recorder
+    finally:
+        sys.path.remove(str(tmp))
+        for k in [k for k in sys.modules if k == "diagnostics" or k.startswith("diagnostics.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
 
 
 def batches(batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,20 +162,60 @@ def make_model() -> torch.nn.Module:
     )
 
 
+#: The workload: "digits-mlp" (reported, not targeted) or "llama" (the target).
+WORKLOAD = {"name": "digits-mlp"}
+#: SINGD's T per workload (the Llama as measured by users: T=10).
+SINGD_T = {"digits-mlp": 1, "llama": 10}
+LLAMA = {"hidden": 128, "layers": 2, "batch": 8, "length": 64}
+
+
+def make_llama() -> torch.nn.Module:
+    """A 2-layer HF Llama (hidden 128, vocab 64), random init, seeded, fp32."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message="SINGD preconditions")
+    torch.manual_seed(0)
+    h = LLAMA["hidden"]
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=LLAMA["layers"],
+        num_attention_heads=4, num_key_value_heads=4,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def llama_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` seeded batches of random token ids (their own targets)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (n, LLAMA["batch"], LLAMA["length"]), generator=g)
+    return [(b, b) for b in ids]
+
+
 def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (torch) or SINGD (dense K and C)."""
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
     from singd import SINGD
 
-    return SINGD(model, lr=1e-3)
+    return SINGD(model, lr=1e-3, T=SINGD_T[WORKLOAD["name"]])
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The workload's training loss."""
+    if WORKLOAD["name"] == "llama":
+        return model(input_ids=x, labels=y).loss
+    return F.cross_entropy(model(x), y)
 
 
 class Trainer:
     """One model + optimizer (+ recorder) that can be advanced one timed step at a time."""
 
     def __init__(self, opt_name: str, config: dict | None, recorder: type = Recorder) -> None:
-        self.model = make_model()
+        self.model = make_llama() if WORKLOAD["name"] == "llama" else make_model()
         self.opt = make_optimizer(opt_name, self.model)
         self.rec = recorder(self.opt, self.model, **config) if config is not None else None
 
@@ -150,7 +223,7 @@ class Trainer:
         """One training step (plus ``recorder.step``): (wall seconds, thread CPU seconds)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
+        loss = loss_of(self.model, x, y)
         loss.backward()
         self.opt.step()
         if self.rec is not None:
@@ -262,6 +335,13 @@ def main() -> None:
     ap.add_argument("--optimizers", nargs="+", default=["adamw", "singd"])
     ap.add_argument("--previous", default=None, help="git revision of a recorder to compare")
     ap.add_argument(
+        "--workload",
+        choices=["llama", "digits-mlp"],
+        default="llama",
+        help="llama: HF Llama hidden 128, 2 layers, fp32, SINGD T=10 (the targets: <= +5 %% "
+        "with defaults, <= +2 %% with spectra off); digits-mlp: reported, not targeted",
+    )
+    ap.add_argument(
         "--interleave",
         choices=["block", "step"],
         default="block",
@@ -271,7 +351,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     previous = load_previous(args.previous) if args.previous else None
     period = 10
-    data = batches(128, 200)
+    WORKLOAD["name"] = args.workload
+    if args.workload == "llama":
+        global CONFIGS, PREVIOUS
+        CONFIGS, PREVIOUS = LLAMA_CONFIGS, LLAMA_PREVIOUS
+        data = llama_batches(20)
+    else:
+        data = batches(128, 200)
     from diagnostics.record.recorder import auto_workers
 
     print(
@@ -287,7 +373,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for opt_name in args.optimizers:
         try:
-            make_optimizer(opt_name, make_model())
+            make_optimizer(opt_name, torch.nn.Linear(2, 2))
         except Exception as err:  # SINGD may not be importable
             print(f"| {opt_name} | skipped: {type(err).__name__}: {err} | | | | | | |")
             continue

@@ -256,6 +256,53 @@ def _spectra(
     return out
 
 
+#: Power iterations of the budget's cheap extremes (`batched_extremes`).
+BUDGET_POWER_ITERS = 12
+
+
+def batched_extremes(
+    items: list[tuple[str, torch.Tensor]], iters: int = BUDGET_POWER_ITERS
+) -> list[np.ndarray]:
+    """``[max, min]`` eigenvalue estimates of dense factors ``(role, matrix)``, batched: per
+    group of one size and role, one product (``M M^T`` for ``"root"``, the symmetric part
+    otherwise) and ``iters`` batched power steps for the largest eigenvalue, then as many
+    on ``max I - S`` for the smallest (signed for ``"symmetric"``). Far cheaper than a
+    decomposition; the smallest eigenvalue is rough (flagged as an estimate by callers)."""
+    out: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, (role, m) in enumerate(items):
+        groups.setdefault((m.shape[-1], role), []).append(i)
+    gen = torch.Generator().manual_seed(0)
+    for (n, role), idx in groups.items():
+        stack = torch.stack([items[i][1].float() for i in idx])
+        sym = stack @ stack.mT if role == "root" else (stack + stack.mT) / 2
+        v0 = torch.randn(len(idx), n, 1, generator=gen).to(sym.device)
+        hi = _batched_top(sym, v0, iters, shift=None)
+        gap = _batched_top(sym, v0, iters, shift=hi)
+        lo = hi - gap
+        if role == "root":
+            lo = lo.clamp_min(0.0)
+        pairs = torch.stack([hi, lo], 1).to("cpu", torch.float64).numpy()
+        for k, i in enumerate(idx):
+            out[i] = pairs[k].copy()
+    return out  # type: ignore[return-value]
+
+
+def _batched_top(
+    sym: torch.Tensor, v: torch.Tensor, iters: int, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """Largest eigenvalue of each ``sym`` (or of ``shift I - sym``) by batched power steps."""
+    lam = torch.zeros(sym.shape[0], device=sym.device)
+    for _ in range(iters):
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        w = sym @ v
+        if shift is not None:
+            w = shift[:, None, None] * v - w
+        lam = (v * w).sum(dim=(1, 2))
+        v = w
+    return lam
+
+
 def diag_sum(part: torch.Tensor, kind: str) -> torch.Tensor:
     """Sum of the diagonal entries a stored tensor contributes to its matrix."""
     if kind == "diagonal" or part.dim() == 1:

@@ -240,6 +240,13 @@ class Recorder:
             step are saved as ``recording.snapshots`` (0: off).
         step_norms: also record the total gradient and update norms on unrecorded steps
             (a copy of the parameters before each ``optimizer.step()``, two fused norms).
+        budget: the largest fraction of training time the recorder may take, measured as
+            it runs (its own time in `step`, plus spectra on the worker thread, against
+            the time between `step` calls). On each recorded step it gives exact spectra
+            to the factors that fit what is left (stalest, then cheapest, first) and
+            power-iteration extremes to the other dense ones; ``recording.steps`` says how
+            many of each (``spectra_exact``, ``spectra_estimated``). None: exact spectra
+            for every changed factor (for teaching; costs what it costs).
     """
 
     def __init__(
@@ -262,6 +269,7 @@ class Recorder:
         workers: int | str = "auto",
         flight: int = 3,
         step_norms: bool = True,
+        budget: float | None = 0.05,
     ) -> None:
         _check_arguments(optimizer, model, scaler, max_dim, power_iters, config)
         if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
@@ -283,6 +291,16 @@ class Recorder:
             raise ValueError(f"flight must be an int >= 0 (recorded steps kept), got {flight!r}")
         self.flight = flight
         self.step_norms = bool(step_norms)
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
+        ):
+            raise ValueError(
+                f"budget must be a fraction > 0 of training time or None, got {budget!r}"
+            )
+        self.budget = None if budget is None else float(budget)
+        self._train_s = 0.0
+        self._own_s = 0.0
+        self._t0 = 0.0
         self.name = name if name is not None else type(optimizer).__name__
         self.summary: dict[str, Any] = {}
 
@@ -304,6 +322,7 @@ class Recorder:
             norms=ChangeCache(),
             spectra_cache=ChangeCache(),
             damping=self._damping,
+            budget=self.budget,
         )
         self._use_worker = bool(self.workers) and self.spectra and self._factors.active
         self._factors.copy = self._use_worker  # the optimizer changes factors a worker reads
@@ -361,6 +380,7 @@ class Recorder:
                 "workers_auto": self._workers_auto,
                 "flight": self.flight,
                 "step_norms": self.step_norms,
+                "budget": self.budget,
             },
             "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "platform": platform.platform(),
@@ -416,7 +436,7 @@ class Recorder:
         """
         if self._closed:
             raise RuntimeError("this Recorder is closed; create a new one")
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         s = self._step
         loss_v = loss_value(loss)
         recorded = self._next_recorded
@@ -445,6 +465,8 @@ class Recorder:
             self._arm()
         t1 = time.perf_counter()
         row["record_time_s"] = t1 - t0
+        self._train_s += row["step_time_s"]
+        self._own_s += t1 - t0
         self._last_end = t1
         if recorded:
             for fn in list(self._listeners):
@@ -537,6 +559,15 @@ class Recorder:
         if self.events:
             self._hooks.arm()
 
+    def _available(self) -> float | None:
+        """Seconds the budget leaves for this step's decompositions (None: no budget)."""
+        if self.budget is None:
+            return None
+        own = self._own_s + (time.perf_counter() - self._t0)
+        if self._use_worker:
+            own += self._factors.spent
+        return self.budget * self._train_s - own
+
     def _damping(self, layer: str) -> float:
         """The damping of the parameter group that holds ``layer``'s parameters (NaN: none)."""
         gi = self._group_of.get(layer)
@@ -613,7 +644,15 @@ class Recorder:
         self._state.record_norms(s, groups["state"], by_group["state"], tables)
         self._scalars.record(ctx, groups["scalars"], by_group["scalars"], update_norms, tables)
         self._rounding.record(s, updates, tables)
-        job = self._factors.record(s, factors, by_group["factors"], tables) if factors else None
+        job = (
+            self._factors.record(s, factors, by_group["factors"], tables, self._available())
+            if factors
+            else None
+        )
+        if job is not None and self.budget is not None:
+            plans = [it.plan for it in job.items]
+            ctx.row["spectra_exact"] = float(plans.count("decompose"))
+            ctx.row["spectra_estimated"] = float(plans.count("estimate"))
         if self.spectra:
             self._state.record_moments(s, state_items, tables)
         if self._memory is not None:

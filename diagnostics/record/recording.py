@@ -36,8 +36,9 @@ COLUMNS: dict[str, dict[str, str]] = {
     # one row per training step the recorder saw. loss, lr (group 0), step_time_s (wall time
     # from the end of the previous recorder.step to the start of this one: the training
     # step without the recorder's own time; step 0: since the recorder was created),
-    # record_time_s (the recorder's own time) and skipped on every step; grad_norm,
-    # update_norm, param_norm and grad_scale on recorded steps (else NaN)
+    # record_time_s (the recorder's own time), skipped, and (``step_norms``) the total
+    # grad_norm and update_norm on every step; param_norm and grad_scale on recorded
+    # steps (else NaN)
     "steps": {
         "step": "int64",
         "recorded": "bool",
@@ -50,6 +51,10 @@ COLUMNS: dict[str, dict[str, str]] = {
         "record_time_s": "float64",
         "grad_scale": "float64",
         "skipped": "bool",
+        # recorded steps under a time budget: factors given exact spectra, and those given
+        # power-iteration extremes instead (the budget's skips); NaN elsewhere
+        "spectra_exact": "float64",
+        "spectra_estimated": "float64",
         # error message of the step (`Recorder.record_error`), "" otherwise
         "message": "str",
     },

@@ -124,7 +124,7 @@ def test_symmetric_factors_keep_a_signed_smallest_eigenvalue_and_the_damped_cond
     model.add_module("lin", nn.Linear(3, 3))
     a = torch.diag(torch.tensor([2.0, 0.5, -0.004]))
     opt = SymmetricFactorSGD(model.lin, a, damping=0.01)
-    rec = Recorder(opt, model, every=1, workers=0)
+    rec = Recorder(opt, model, every=1, workers=0, budget=None)
     model(torch.ones(2, 3)).sum().backward()
     opt.step()
     rec.step(loss=1.0)
@@ -227,7 +227,7 @@ def test_eig_min_figure_draws_the_signed_smallest_eigenvalue_against_minus_dampi
     model = nn.Sequential()
     model.add_module("lin", nn.Linear(3, 3))
     opt = SymmetricFactorSGD(model.lin, torch.diag(torch.tensor([2.0, 0.5, -0.004])), 0.01)
-    rec = Recorder(opt, model, every=1, workers=0)
+    rec = Recorder(opt, model, every=1, workers=0, budget=None)
     for _ in range(2):
         model(torch.ones(2, 3)).sum().backward()
         opt.step()

@@ -220,7 +220,7 @@ def test_factor_view_optimizer_gives_known_spectra_metrics_and_state_bytes():
     k = torch.diag(torch.tensor([2.0, 1.0, 0.5]))  # singular values 2, 1, .5
     c = torch.diag(torch.tensor([3.0, 1.0]))
     opt = FakeFactorOptimizer(model.parameters(), k, c)
-    rec = Recorder(opt, model, every=1)
+    rec = Recorder(opt, model, every=1, budget=None)
     _train(model, opt, rec, 1)
     r = rec.recording
     assert r.metric("cond", "0", "K")["value"].item() == pytest.approx(16.0)
@@ -452,7 +452,7 @@ def test_singd_factors_are_recorded_and_left_untouched():
 
     model = _mlp()
     opt = SINGD(model, lr=0.01, T=1, alpha1=0.5)
-    rec = Recorder(opt, model, every=2)
+    rec = Recorder(opt, model, every=2, budget=None)
     _train(model, opt, rec, 3)
     views = opt.preconditioner_factors()
     k = views["0"].factors["K"].dense()
@@ -474,7 +474,7 @@ def test_singd_spectrum_equals_squared_singular_values_of_k():
 
     model = _mlp()
     opt = SINGD(model, lr=0.01, T=1)
-    rec = Recorder(opt, model, every=1)
+    rec = Recorder(opt, model, every=1, budget=None)
     _train(model, opt, rec, 2)
     k = opt.preconditioner_factors()["2"].factors["K"].dense().double()
     expected = (torch.linalg.svdvals(k) ** 2).tolist()
@@ -592,7 +592,7 @@ def test_unchanged_factors_are_not_decomposed_again_but_recorded_every_step(monk
     k = torch.tensor([[2.0, 0.3, 0.0], [0.1, 1.0, 0.2], [0.0, 0.0, 0.5]])
     exact = (torch.linalg.svdvals(k.double()) ** 2).tolist()
     opt = FakeFactorOptimizer(model.parameters(), k, torch.diag(torch.tensor([3.0, 1.0])))
-    rec = Recorder(opt, model, every=1, workers=workers)
+    rec = Recorder(opt, model, every=1, workers=workers, budget=None)
     _train(model, opt, rec, 3)
     opt.k.mul_(2.0)  # in place: the version counter changes, so K is decomposed again
     _train(model, opt, rec, 1)

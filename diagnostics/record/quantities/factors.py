@@ -16,6 +16,7 @@ condition number of ``M + damping I`` (what KFAC inverts); ``"momentum"``: ``nor
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -48,9 +49,10 @@ class Factor(NamedTuple):
 
 class JobItem(NamedTuple):
     """What a spectra job does with one factor: ``plan`` is ``"nan"`` (NaN metrics, no
-    spectrum), ``"reuse"`` (the spectrum in ``entry``, unchanged since) or ``"decompose"``
+    spectrum), ``"reuse"`` (the spectrum in ``entry``, unchanged since), ``"decompose"``
     (``spec`` = ``(role, kind, parts, dim)`` for `metrics.parts_spectra`; the result
-    goes into ``entry``)."""
+    goes into ``entry``) or ``"estimate"`` (the budget's choice: ``spec`` = ``(role,
+    matrix)`` for `metrics.batched_extremes`, not cached)."""
 
     layer: str
     factor: str
@@ -70,8 +72,8 @@ class SpectraJob:
 
     @property
     def decomposes(self) -> bool:
-        """Whether any factor needs a decomposition."""
-        return any(it.plan == "decompose" for it in self.items)
+        """Whether any factor needs a decomposition (or an estimate)."""
+        return any(it.plan in ("decompose", "estimate") for it in self.items)
 
 
 class FactorSpectra:
@@ -95,9 +97,16 @@ class FactorSpectra:
         norms: ChangeCache,
         spectra_cache: ChangeCache,
         damping: Callable[[str], float] | None = None,
+        budget: float | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.damping = damping if damping is not None else (lambda layer: math.nan)
+        self.budget = budget
+        #: seconds per dim^3 of a decomposition, learned from the jobs (a first guess)
+        self._per_cube = 2e-10
+        self._exact_at: dict[Hashable, int] = {}
+        #: seconds spent computing spectra (any thread), for the recorder's budget
+        self.spent = 0.0
         self.active = callable(getattr(optimizer, "preconditioner_factors", None))
         self.spectra = spectra
         self.max_dim = max_dim
@@ -133,9 +142,17 @@ class FactorSpectra:
         return out
 
     def record(
-        self, step: int, factors: list[Factor], norms: list[float], tables: Tables
+        self,
+        step: int,
+        factors: list[Factor],
+        norms: list[float],
+        tables: Tables,
+        available: float | None = None,
     ) -> SpectraJob | None:
-        """Cheap metrics from the fused norms now; the spectra job to run (or None)."""
+        """Cheap metrics from the fused norms now; the spectra job to run (or None).
+
+        ``available``: seconds the budget allows for this step's decompositions (None:
+        decompose every changed factor)."""
         squares: list[float] = []
         k = 0
         for f in factors:
@@ -167,13 +184,51 @@ class FactorSpectra:
                 items.append(self._plan(f, finite))
         self._traces(step, symmetric, tables)
         self._max_norms(step, momenta, tables)
+        if available is not None:
+            items = self._within(step, factors, items, available)
+        for it in items:
+            if it.plan in ("decompose", "reuse"):
+                self._exact_at[(it.layer, it.factor)] = step
         return SpectraJob(step, items) if items else None
+
+    def _within(
+        self, step: int, factors: list[Factor], items: list[JobItem], available: float
+    ) -> list[JobItem]:
+        """The budget's choice: of the factors to decompose, the stalest (longest since an
+        exact spectrum) and, among equally stale ones, the cheapest get exact spectra while
+        their predicted cost fits ``available``; the other dense ones get `batched_extremes`
+        (plan ``"estimate"``), the rest stay exact (diagonal ones cost nothing)."""
+        by_key = {f.key: f for f in factors}
+        todo = [
+            i
+            for i, it in enumerate(items)
+            if it.plan == "decompose" and it.spec[1] == "dense" and it.spec[3] <= self.max_dim
+        ]
+
+        def rank(i: int) -> tuple:
+            it = items[i]
+            since = step - self._exact_at.get((it.layer, it.factor), -(1 << 30))
+            return (-since, it.spec[3])
+
+        spend = 0.0
+        out = list(items)
+        for i in sorted(todo, key=rank):
+            it = items[i]
+            cost = self._per_cube * it.spec[3] ** 3
+            if spend + cost <= available:
+                spend += cost
+                continue
+            if it.entry is not None:
+                self._spectra.drop((it.layer, it.factor))
+            m = it.spec[2][0]
+            f = by_key[(it.layer, it.factor)]
+            out[i] = it._replace(plan="estimate", spec=(f.view.role, m), entry=None)
+        return out
 
     def _plan(self, f: Factor, finite: bool) -> JobItem:
         """Decompose the factor, reuse its last spectrum, or give NaN metrics.
 
-        This is where a time budget would choose exact spectra for some factors and
-        power-iteration extremes for the rest.
+        With a time budget, `_within` then turns some decompositions into estimates.
         """
         role, dim = f.view.role, f.view.dim
         d = self.damping(f.layer) if role == "symmetric" else math.nan
@@ -217,14 +272,25 @@ class FactorSpectra:
             tables.metrics.append(MetricRow(step, f.layer, f.name, "norm_max", value))
 
     def compute(self, job: SpectraJob) -> list[tuple[np.ndarray, bool]]:
-        """Spectra of the factors a job decomposes (any thread; reads copies when threaded)."""
+        """Spectra of the factors a job decomposes, then the estimates of those it only
+        estimates (any thread; reads copies when threaded). Learns the cost per dim^3."""
         todo = [it.spec for it in job.items if it.plan == "decompose"]
+        rough = [it.spec for it in job.items if it.plan == "estimate"]
+        t0 = time.perf_counter()
         with torch.no_grad():
-            return M.parts_spectra(todo, max_dim=self.max_dim, power_iters=self.power_iters)
+            out = M.parts_spectra(todo, max_dim=self.max_dim, power_iters=self.power_iters)
+            t1 = time.perf_counter()
+            out += [(e, True) for e in M.batched_extremes(rough)] if rough else []
+        cubes = sum(spec[3] ** 3 for spec in todo if spec[1] == "dense")
+        if cubes:
+            self._per_cube = 0.5 * self._per_cube + 0.5 * (t1 - t0) / cubes
+        self.spent += time.perf_counter() - t0
+        return out
 
     def merge(self, job: SpectraJob, results: list[tuple[np.ndarray, bool]], tables: Tables):
         """Add a job's rows (training thread, in step order)."""
-        res = iter(results)
+        n_exact = sum(it.plan == "decompose" for it in job.items)
+        exact, rough = iter(results[:n_exact]), iter(results[n_exact:])
         s = job.step
         for it in job.items:
             if it.plan == "nan":
@@ -232,7 +298,7 @@ class FactorSpectra:
             elif it.plan == "reuse":
                 eig, estimated = it.entry.value or (_EMPTY, False)
             else:
-                eig, estimated = next(res)
+                eig, estimated = next(exact if it.plan == "decompose" else rough)
                 if it.entry is not None:
                     it.entry.value = (eig, estimated)
             found = M.spectral_metrics(eig, it.role)
