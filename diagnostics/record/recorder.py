@@ -238,8 +238,10 @@ class Recorder:
         flight: how many recorded steps the flight recorder keeps copies of every factor
             for; at the first NaN/Inf event or error these copies and the factors at that
             step are saved as ``recording.snapshots`` (0: off).
-        step_norms: also record the total gradient and update norms on unrecorded steps
-            (a copy of the parameters before each ``optimizer.step()``, two fused norms).
+        step_norms: what unrecorded steps record besides the loss: ``"grad"`` (default)
+            the total gradient norm (one fused norm); True also the total update norm (a
+            copy of the parameters before each ``optimizer.step()``: about 1 % of a step on
+            a small Llama, hence not the default); False neither.
         budget: the largest fraction of training time the recorder may take, measured as
             it runs (its own time in `step`, plus spectra on the worker thread, against
             the time between `step` calls). On each recorded step it gives exact spectra
@@ -268,7 +270,7 @@ class Recorder:
         max_events: int = 10_000,
         workers: int | str = "auto",
         flight: int = 3,
-        step_norms: bool = True,
+        step_norms: bool | str = "grad",
         budget: float | None = 0.05,
     ) -> None:
         _check_arguments(optimizer, model, scaler, max_dim, power_iters, config)
@@ -290,7 +292,9 @@ class Recorder:
         if isinstance(flight, bool) or not isinstance(flight, int) or flight < 0:
             raise ValueError(f"flight must be an int >= 0 (recorded steps kept), got {flight!r}")
         self.flight = flight
-        self.step_norms = bool(step_norms)
+        if step_norms not in (True, False, "grad"):
+            raise ValueError(f"step_norms must be 'grad', True or False, got {step_norms!r}")
+        self.step_norms = step_norms
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
         ):
@@ -450,7 +454,9 @@ class Recorder:
             self._record(ctx, hooked)
         else:
             if self.step_norms:
-                row["grad_norm"], row["update_norm"] = self._scalars.totals(skipped)
+                row["grad_norm"], update = self._scalars.totals(skipped)
+                if self.step_norms is True or skipped:
+                    row["update_norm"] = update
             if self.events:
                 trip = self._check(ctx, hooked)
         if self._hooks.armed:
@@ -551,7 +557,7 @@ class Recorder:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Optimizer step pre-hook: note that a step happens; snapshot params if recorded."""
         self._stepped = True
-        if self._next_recorded or self.step_norms:
+        if self._next_recorded or self.step_norms is True:
             self._scalars.snapshot()
 
     def _arm(self) -> None:

@@ -36,9 +36,9 @@ COLUMNS: dict[str, dict[str, str]] = {
     # one row per training step the recorder saw. loss, lr (group 0), step_time_s (wall time
     # from the end of the previous recorder.step to the start of this one: the training
     # step without the recorder's own time; step 0: since the recorder was created),
-    # record_time_s (the recorder's own time), skipped, and (``step_norms``) the total
-    # grad_norm and update_norm on every step; param_norm and grad_scale on recorded
-    # steps (else NaN)
+    # record_time_s (the recorder's own time), skipped and the total grad_norm on every
+    # step (``step_norms``); update_norm (every step with ``step_norms=True``), param_norm
+    # and grad_scale on recorded steps (else NaN)
     "steps": {
         "step": "int64",
         "recorded": "bool",

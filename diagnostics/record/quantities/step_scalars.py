@@ -130,8 +130,9 @@ class StepScalars:
         """Minus the update of each parameter (in the snapshot's storage), or [] without one."""
         before, p = self._before, self.params
         if before is not None and len(before) == 1 and p.flat:
-            after = torch.cat([t.detach().reshape(-1) for t in p.tensors])
-            return list(before[0].sub_(after).split(p.sizes))  # one view per parameter
+            views = list(before[0].split(p.sizes))  # one view per parameter, no copy
+            torch._foreach_sub_(views, [t.detach().reshape(-1) for t in p.tensors])
+            return views
         if before is not None and len(before) == len(p.tensors):
             torch._foreach_sub_(before, p.tensors)  # before <- before - after = -update
             return before
