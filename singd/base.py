@@ -29,6 +29,7 @@ from singd.capture import (
     unwrap_model,
     weak_method,
 )
+from singd.first_order import LOW_PRECISION, adam_directions_, add_, moment_dtype
 from singd.update import heavy_ball_step_
 
 # ---------------------------------------------------------------------- hyper-parameter checks
@@ -106,14 +107,85 @@ def amp_scales(optimizer: Optimizer) -> AmpScales:
 
 # ---------------------------------------------------------------------- first-order fallback
 
+#: Hyper-parameters of the first-order rules, shared by SINGD and KFAC (also group keys):
+#: the fallback rule for parameters no factor preconditions, its learning rate (None: the
+#: group's lr), Adam's betas and eps (the ``"adamw"`` fallback, and SINGD's Adam grafting),
+#: the AdamW fallback's decoupled weight decay, and Kahan-compensated 16-bit updates.
+FIRST_ORDER_DEFAULTS: dict[str, Any] = {
+    "fallback": "adamw",
+    "fallback_lr": None,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "fallback_weight_decay": 1e-2,
+    "compensated": False,
+}
+
+
+@dataclass(frozen=True)
+class FirstOrderConfig:
+    """One param group's first-order hyper-parameters, checked."""
+
+    fallback: str
+    fallback_lr: float | None
+    betas: tuple[float, float]
+    eps: float
+    fallback_weight_decay: float
+    compensated: bool
+
+    @classmethod
+    def parse(cls, group: dict[str, Any]) -> FirstOrderConfig:
+        """The first-order config of a group (ValueError naming a bad hyper-parameter)."""
+        h = {k: group.get(k, v) for k, v in FIRST_ORDER_DEFAULTS.items()}
+        check_choice("fallback", h["fallback"], tuple(FALLBACK_RULES))
+        if h["fallback_lr"] is not None:
+            check_number("fallback_lr", h["fallback_lr"])
+        betas = h["betas"]
+        if isinstance(betas, str) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
+        for b in betas:
+            check_number("betas entries", b, high=1.0)
+        check_number("eps", h["eps"], low_open=True)
+        check_number("fallback_weight_decay", h["fallback_weight_decay"])
+        check_bool("compensated", h["compensated"])
+        h["betas"] = (float(betas[0]), float(betas[1]))
+        return cls(**h)
+
 
 @dataclass
 class FirstOrderBatch:
     """Parameters and update directions of one param group for one heavy-ball update (the
-    preconditioned layers' and the fallback's share one foreach call)."""
+    preconditioned layers' and the fallback's share one foreach call). ``units`` names, per
+    parameter, the layer it belongs to (parameters of one unit are rescaled together by
+    SINGD's grafting; None: each parameter is its own unit)."""
 
     params: list[Tensor]
     directions: list[Tensor]
+    units: list[int] | None = None
+
+    def add(self, params: Iterable[Tensor], directions: Iterable[Tensor]) -> None:
+        """Append parameters with their directions as one unit."""
+        params, directions = list(params), list(directions)
+        if self.units is not None:
+            unit = (self.units[-1] + 1) if self.units else 0
+            self.units.extend([unit] * len(params))
+        self.params.extend(params)
+        self.directions.extend(directions)
+
+
+def compensation_buffers(state: dict, params: Sequence[Tensor]) -> list[Tensor | None]:
+    """The Kahan compensation buffer of each 16-bit parameter in ``state`` (made at zero on
+    first use), None for wider ones (they lose nothing worth the memory)."""
+    out: list[Tensor | None] = []
+    for p in params:
+        if p.dtype not in LOW_PRECISION:
+            out.append(None)
+            continue
+        st = state[p]
+        comp = st.get("compensation")
+        if comp is None or comp.dtype != p.dtype or comp.device != p.device:
+            comp = st["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        out.append(comp)
+    return out
 
 
 class FallbackRule:
@@ -124,6 +196,8 @@ class FallbackRule:
 
     #: what the fallback warning says the parameters are trained by
     description: ClassVar[str] = ""
+    #: whether the rule changes the parameters at all
+    trains: ClassVar[bool] = True
 
     def update(
         self,
@@ -152,13 +226,108 @@ class HeavyBallFallback(FallbackRule):
         config: Any,
         batch: FirstOrderBatch,
     ) -> None:
-        """Join the layers' heavy-ball update of the group."""
-        batch.params.extend(params)
-        batch.directions.extend(grads)
+        """Join the layers' heavy-ball update of the group (each parameter its own unit)."""
+        for p, g in zip(params, grads):
+            batch.add([p], [g])
 
 
-#: Fallback rules by name (a param group's future ``fallback`` key selects one).
-FALLBACK_RULES: dict[str, FallbackRule] = {"heavy_ball": HeavyBallFallback()}
+class AdamWFallback(FallbackRule):
+    """AdamW with the group's ``fallback_lr`` (None: its lr), ``betas``, ``eps`` and
+    ``fallback_weight_decay`` (decoupled, as in ``torch.optim.AdamW``). Moments are float32
+    for 16-bit parameters; each parameter counts its own Adam steps (skipped GradScaler
+    steps do not count)."""
+
+    description = "AdamW"
+
+    def update(
+        self,
+        state: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        config: Any,
+        batch: FirstOrderBatch,
+    ) -> None:
+        """One AdamW step of ``params`` (compensated where the group asks for it)."""
+        first = config.first_order
+        lr = config.lr if first.fallback_lr is None else first.fallback_lr
+        directions = adam_update_directions(state, params, grads, first)
+        if first.fallback_weight_decay != 0.0:
+            wide = [p if p.dtype == d.dtype else p.to(d.dtype) for p, d in zip(params, directions)]
+            torch._foreach_add_(directions, wide, alpha=first.fallback_weight_decay)
+        comps = compensation_buffers(state, params) if first.compensated else None
+        add_(params, directions, alpha=-lr, compensations=comps)
+
+
+class NoFallback(FallbackRule):
+    """Leave the parameters as they are (the reference package's behaviour)."""
+
+    description = "nothing: fallback='none' leaves them untrained"
+    trains = False
+
+    def update(
+        self,
+        state: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        config: Any,
+        batch: FirstOrderBatch,
+    ) -> None:
+        """Do nothing."""
+
+
+def adam_moments(state: dict, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Adam's first and second moments of ``params`` in ``state`` (zero on first use, in
+    :func:`singd.first_order.moment_dtype`)."""
+    firsts, seconds = [], []
+    for p in params:
+        st = state[p]
+        if "exp_avg" not in st:
+            dtype = moment_dtype(p)
+            st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+        firsts.append(st["exp_avg"])
+        seconds.append(st["exp_avg_sq"])
+    return firsts, seconds
+
+
+def adam_update_directions(
+    state: dict, params: Sequence[Tensor], grads: Sequence[Tensor], first: FirstOrderConfig
+) -> list[Tensor]:
+    """Advance each parameter's Adam moments and step count in ``state`` with ``grads`` and
+    return Adam's directions ``m_hat / (sqrt(v_hat) + eps)`` (in the moments' dtype)."""
+    firsts, seconds = adam_moments(state, params)
+    by_step: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        state[p]["adam_step"] = state[p].get("adam_step", 0) + 1
+        by_step.setdefault(state[p]["adam_step"], []).append(i)
+    out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for step, idx in by_step.items():
+        directions = adam_directions_(
+            [grads[i] for i in idx],
+            [firsts[i] for i in idx],
+            [seconds[i] for i in idx],
+            step=step,
+            betas=first.betas,
+            eps=first.eps,
+        )
+        for i, d in zip(idx, directions):
+            out[i] = d
+    return out
+
+
+#: Fallback rules by name (a param group's ``fallback`` key selects one).
+FALLBACK_RULES: dict[str, FallbackRule] = {
+    "adamw": AdamWFallback(),
+    "heavy_ball": HeavyBallFallback(),
+    "none": NoFallback(),
+}
+#: Per-parameter state of the first-order rules -> its component name in ``state_bytes``.
+_PARAM_STATE = {
+    "momentum_buffer": "momentum",
+    "exp_avg": "exp_avg",
+    "exp_avg_sq": "exp_avg_sq",
+    "compensation": "compensation",
+}
 
 
 # ---------------------------------------------------------------------- the base class
@@ -192,6 +361,9 @@ class KroneckerOptimizer(Optimizer):
     LAYER_KINDS: ClassVar[tuple[str, ...]] = BASIC_KINDS
     #: whether fallback parameters may have sparse gradients
     _sparse_fallback_ok: ClassVar[bool] = False
+    #: state entries kept in their saved dtype on load (torch casts state to the parameter's):
+    #: float32 Adam moments of 16-bit parameters
+    _KEEP_DTYPE: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -329,18 +501,19 @@ class KroneckerOptimizer(Optimizer):
                     f"(its bias {where})"
                 )
             layers[name] = self._new_layer(layer, group)
-        noisy = [
-            f"{n} ({reason})"
-            for n, (p, reason) in search.others.items()
-            if group_of[id(p)]["warn_unsupported"]
-        ]
+        noisy: dict[str, list[str]] = {}
+        for n, (p, reason) in search.others.items():
+            group = group_of[id(p)]
+            if group["warn_unsupported"]:
+                rule = FALLBACK_RULES[self._config(group).first_order.fallback]
+                noisy.setdefault(rule.description, []).append(f"{n} ({reason})")
         self._layers.update(layers)
         self._fallback.update({n: p for n, (p, _) in search.others.items()})
-        if noisy:
+        for description, names in noisy.items():
             warnings.warn(
                 f"{type(self).__name__} preconditions {', '.join(self.LAYER_KINDS)} layers; "
-                "these parameters are trained by the first-order fallback "
-                f"({HeavyBallFallback.description}): " + ", ".join(noisy),
+                f"these parameters are trained by the first-order fallback ({description}): "
+                + ", ".join(names),
                 UserWarning,
                 stacklevel=4,
             )
@@ -419,6 +592,9 @@ class KroneckerOptimizer(Optimizer):
     ) -> None:
         """Train ``params`` (those of them with a gradient) by the fallback rule of the
         group whose config is ``cfg``."""
+        rule = FALLBACK_RULES[cfg.first_order.fallback]
+        if not rule.trains:
+            return
         todo, grads = [], []
         copy = cfg.weight_decay != 0.0  # the heavy-ball rule adds it in place
         for p in params:
@@ -436,7 +612,7 @@ class KroneckerOptimizer(Optimizer):
             todo.append(p)
             grads.append(d)
         if todo:
-            FALLBACK_RULES["heavy_ball"].update(self.state, todo, grads, cfg, batch)
+            rule.update(self.state, todo, grads, cfg, batch)
 
     def _heavy_ball(self, cfg: Any, batch: FirstOrderBatch) -> None:
         """The heavy-ball update of a group's batch with its config's lr, momentum and
@@ -449,6 +625,11 @@ class KroneckerOptimizer(Optimizer):
                 lr=cfg.lr,
                 momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay,
+                compensations=(
+                    compensation_buffers(self.state, batch.params)
+                    if cfg.first_order.compensated
+                    else None
+                ),
             )
 
     # ------------------------------------------------------------------ views
@@ -461,26 +642,45 @@ class KroneckerOptimizer(Optimizer):
         """Qualified name -> parameter trained by the first-order fallback."""
         return dict(self._fallback)
 
-    def _buffer_bytes(self, params: Iterable[Tensor]) -> int:
-        """Bytes of the heavy-ball buffers of ``params``."""
-        total = 0
+    def _buffer_bytes(self, params: Iterable[Tensor], seen: set[int]) -> dict[str, int]:
+        """Bytes of the per-parameter state of ``params`` by component: ``momentum``
+        (heavy-ball buffers), ``exp_avg``/``exp_avg_sq`` (Adam moments of the fallback or of
+        grafting), ``compensation`` (Kahan buffers). A parameter in ``seen`` is not counted
+        again (a packed attention weight belongs to three layers)."""
+        out = {"momentum": 0}
         for p in params:
-            buf = self.state[p].get("momentum_buffer") if p in self.state else None
-            if buf is not None:
-                total += buf.numel() * buf.element_size()
-        return total
+            if id(p) in seen or p not in self.state:
+                continue
+            seen.add(id(p))
+            for key, name in _PARAM_STATE.items():
+                value = self.state[p].get(key)
+                if isinstance(value, Tensor):
+                    out[name] = out.get(name, 0) + value.numel() * value.element_size()
+        return out
 
     def state_bytes(self) -> dict[str, dict[str, int]]:
         """Optimizer-state bytes: layer (or ``"fallback"``) -> component -> bytes; the
-        components are the subclass's factors plus ``momentum`` (heavy-ball buffers)."""
+        components are the subclass's factors plus the per-parameter state (see
+        :meth:`_buffer_bytes`)."""
         out: dict[str, dict[str, int]] = {}
+        seen: set[int] = set()
         for name, st in self._layers.items():
             entry = self._factor_bytes(name, st)
-            entry["momentum"] = self._buffer_bytes(st.layer.params())
+            entry.update(self._buffer_bytes(st.layer.params(), seen))
             out[name] = entry
         if self._fallback:
-            out["fallback"] = {"momentum": self._buffer_bytes(self._fallback.values())}
+            out["fallback"] = self._buffer_bytes(self._fallback.values(), seen)
         return out
+
+    def _keep_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """After ``Optimizer.load_state_dict`` (which casts state to each parameter's dtype):
+        put the entries named in :attr:`_KEEP_DTYPE` back in their saved dtype."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            for key in self._KEEP_DTYPE:
+                if isinstance(saved.get(key), Tensor) and p in self.state:
+                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
 
     # ------------------------------------------------------------------ state dict
     def _check_loaded_groups(

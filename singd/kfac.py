@@ -43,8 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from singd.base import (
+    FIRST_ORDER_DEFAULTS,
     AmpScales,
     FirstOrderBatch,
+    FirstOrderConfig,
     KroneckerOptimizer,
     LayerRecord,
     check_bool,
@@ -82,7 +84,10 @@ DEFAULTS: dict[str, Any] = {
     "kfac_approx": "expand",
     "loss_average": "batch",
     "warn_unsupported": True,
+    **FIRST_ORDER_DEFAULTS,
 }
+#: KFAC's own hyper-parameters (the rest are the shared first-order ones).
+_OWN = tuple(k for k in DEFAULTS if k not in FIRST_ORDER_DEFAULTS)
 
 
 class KFACInverseError(RuntimeError):
@@ -202,15 +207,16 @@ class KFACConfig:
     kfac_approx: str
     loss_average: str | None
     warn_unsupported: bool
+    first_order: FirstOrderConfig
 
     @classmethod
     def parse(cls, group: dict[str, Any]) -> KFACConfig:
         """The config of a group (ValueError naming a bad hyper-parameter)."""
-        h = {k: group[k] for k in DEFAULTS}
+        h = {k: group.get(k, DEFAULTS[k]) for k in _OWN}
         validate_hyperparameters(h)
         h["factor_dtype"] = resolve_dtype(h["factor_dtype"], "factor_dtype")
         h["inverse_dtype"] = resolve_dtype(h["inverse_dtype"], "inverse_dtype")
-        return cls(**h)
+        return cls(**h, first_order=FirstOrderConfig.parse(group))
 
 
 class KFAC(KroneckerOptimizer):
@@ -233,12 +239,16 @@ class KFAC(KroneckerOptimizer):
         loss_average: None, "batch" or "batch+sequence": how the loss averages, so that
             ``g`` can be rescaled to a per-sample gradient.
         warn_unsupported: warn once listing parameters trained by the first-order fallback.
+        fallback, fallback_lr, betas, eps, fallback_weight_decay, compensated: the
+            first-order rule for the other parameters and 16-bit compensation, as in
+            :class:`singd.SINGD`.
 
     All arguments except ``model`` and ``params`` are also per-param-group keys. Use
     :meth:`preconditioner_factors` and :meth:`state_bytes` to look at the state.
     """
 
     DEFAULTS = DEFAULTS
+    _KEEP_DTYPE = (*KroneckerOptimizer._KEEP_DTYPE, "A", "G", "A_inv", "G_inv")
     _unscale_by_reciprocal = True
     _sparse_fallback_ok = True
 
@@ -259,6 +269,12 @@ class KFAC(KroneckerOptimizer):
         kfac_approx: str = "expand",
         loss_average: str | None = "batch",
         warn_unsupported: bool = True,
+        fallback: str = DEFAULTS["fallback"],
+        fallback_lr: float | None = DEFAULTS["fallback_lr"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        eps: float = DEFAULTS["eps"],
+        fallback_weight_decay: float = DEFAULTS["fallback_weight_decay"],
+        compensated: bool = DEFAULTS["compensated"],
     ) -> None:
         arguments = dict(locals())
         #: the loss scale of the last GradScaler step: divides the statistics when
@@ -416,12 +432,7 @@ class KFAC(KroneckerOptimizer):
         the param groups' hyper-parameters are validated before anything changes."""
         self._check_loaded_groups(state_dict["param_groups"])
         super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        index = [p for g in self.param_groups for p in g["params"]]
-        for i, p in enumerate(index):
-            for key, value in saved.get(i, {}).items():
-                if isinstance(value, Tensor) and key in ("A", "G", "A_inv", "G_inv"):
-                    self.state[p][key] = value.to(device=p.device).clone()
+        self._keep_state_dtypes(state_dict)
         self._after_load()
         extra = state_dict.get("kfac", {})
         self._step = int(extra.get("step", self._step))

@@ -17,13 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from singd.base import (
+    FIRST_ORDER_DEFAULTS,
     AmpScales,
     FirstOrderBatch,
+    FirstOrderConfig,
     KroneckerOptimizer,
+    adam_update_directions,
     check_bool,
     check_choice,
     check_int,
     check_number,
+    compensation_buffers,
     is_number,
 )
 from singd.capture import KFAC_APPROXIMATIONS, LAYER_KINDS, LOSS_AVERAGES, Layer
@@ -35,6 +39,7 @@ from singd.update import (
     Gram,
     diagonal_statistic,
     diagonal_steps,
+    grafted_heavy_ball_,
     gram,
     precondition,
     precondition_diagonal,
@@ -59,7 +64,14 @@ DEFAULTS: dict[str, Any] = {
     "init_grad_scale": 1.0,
     "normalize_lr_cov": False,
     "loss_average": "batch",
+    **FIRST_ORDER_DEFAULTS,
+    "grafting": None,
+    "guard": 0.5,
 }
+#: Valid values of ``grafting``.
+GRAFTINGS: tuple[str | None, ...] = (None, "adam")
+#: The reference package's hyper-parameters (the rest are this package's additions).
+_OWN = tuple(k for k in DEFAULTS if k not in FIRST_ORDER_DEFAULTS)
 
 _CALLABLE = "<callable: not saved>"
 
@@ -109,6 +121,9 @@ def validate_hyperparameters(h: dict[str, Any]) -> dict[str, Any]:
     )
     for key in ("kfac_like", "normalize_lr_cov", "warn_unsupported"):
         check_bool(key, h[key])
+    check_choice("grafting", h["grafting"], GRAFTINGS)
+    if h["guard"] is not None:
+        check_number("guard", h["guard"], low_open=True)
     return h
 
 
@@ -131,12 +146,15 @@ class SINGDConfig:
     init_grad_scale: float
     normalize_lr_cov: bool
     loss_average: str | None
+    grafting: str | None
+    guard: float | None
+    first_order: FirstOrderConfig
 
     @classmethod
     def parse(cls, group: dict[str, Any]) -> SINGDConfig:
         """The config of a group (ValueError naming a bad hyper-parameter)."""
-        h = validate_hyperparameters({k: group[k] for k in DEFAULTS})
-        return cls(**h)
+        h = validate_hyperparameters({k: group.get(k, DEFAULTS[k]) for k in _OWN})
+        return cls(**h, first_order=FirstOrderConfig.parse(group))
 
     @property
     def alpha1_effective(self) -> float:
@@ -146,6 +164,17 @@ class SINGDConfig:
     def beta1(self, step: int) -> float:
         """lr_cov (beta1) at ``step``."""
         return float(self.lr_cov(step)) if callable(self.lr_cov) else float(self.lr_cov)
+
+
+class GuardActivation(NamedTuple):
+    """One activation of the factor-update guard: at ``step`` the update of ``factor``
+    ("K" or "C") of ``layer`` would have moved it by ``reach = beta1 ||m||_F`` (more than
+    the group's ``guard``), and beta1 was shrunk to meet the guard."""
+
+    step: int
+    layer: str
+    factor: str
+    reach: float
 
 
 class _Followed(NamedTuple):
@@ -200,6 +229,7 @@ class _DiagonalGrads:
     grads: list[Tensor]
     lefts: list[Tensor]
     rights: list[Tensor]
+    sizes: list[int]  # parameters per layer, in order
 
 
 class SINGD(KroneckerOptimizer):
@@ -218,12 +248,25 @@ class SINGD(KroneckerOptimizer):
       Statistics are gathered on steps where ``step % T == 0`` by hooks that exist only on
       those steps; they sum over all backward passes since the last ``step()`` /
       ``zero_grad()`` (gradient accumulation, mean or sum reduction).
-    * **First-order fallback**: every other trainable parameter (LayerNorm, Embedding,
-      BatchNorm, free ``nn.Parameter``s, ``nn.MultiheadAttention`` in-projection and its
-      ``out_proj``, tied weights, layers with a frozen weight or bias) gets the same
-      heavy-ball update on its raw gradient: ``s = grad + weight_decay * p``,
-      ``buf = momentum * buf + s``, ``p -= lr * buf``. One warning lists them
-      (``warn_unsupported=False`` silences it).
+    * **First-order fallback** (``fallback``): every other trainable parameter (LayerNorm,
+      BatchNorm, free ``nn.Parameter``s, tied weights, layers with a frozen weight or bias)
+      is trained by ``"adamw"`` (default: ``torch.optim.AdamW``'s rule with ``fallback_lr``
+      (None: ``lr``), ``betas``, ``eps`` and ``fallback_weight_decay``), ``"heavy_ball"``
+      (the layers' rule on the raw gradient: ``s = grad + weight_decay * p``,
+      ``buf = momentum * buf + s``, ``p -= lr * buf``) or ``"none"`` (left untrained, as the
+      reference package does). One warning lists them (``warn_unsupported=False`` silences it).
+    * ``grafting="adam"``: each layer's step (after momentum) is rescaled to the norm of the
+      Adam update of that layer (Adam's moments are kept per parameter, ``betas``/``eps``),
+      and ``weight_decay`` is decoupled as in AdamW, so ``lr`` means AdamW's lr:
+      ``SINGD(model, lr=<your AdamW lr>, grafting="adam")`` replaces AdamW. None (default)
+      keeps the reference update.
+    * ``guard`` (default 0.5): a trust region on the factor update ``K <- K (I - beta1 m_K)``:
+      where ``beta1`` times a bound on ``||m_K||_2`` exceeds it, beta1 shrinks to meet it, so
+      one update scales K by at most ``1 + guard``; inactive (bit for bit the reference
+      update) on small steps. ``guard_activations()`` lists every activation. None: off.
+    * ``compensated=True``: 16-bit parameters are updated with Kahan compensation (a buffer
+      of the parameter's dtype), so updates below half an ulp accumulate instead of being
+      rounded away (SINGD's update and the fallback's).
     * ``torch.amp.GradScaler``: use ``scaler.step(opt)``. SINGD unscales gradients and
       statistics itself; a step with inf/NaN gradients changes nothing, drops the statistics
       and still advances the step counter. The statistics are captured during backward, still
@@ -267,12 +310,25 @@ class SINGD(KroneckerOptimizer):
         init_grad_scale: float = DEFAULTS["init_grad_scale"],
         normalize_lr_cov: bool = DEFAULTS["normalize_lr_cov"],
         loss_average: str | None = DEFAULTS["loss_average"],
+        fallback: str = DEFAULTS["fallback"],
+        fallback_lr: float | None = DEFAULTS["fallback_lr"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        eps: float = DEFAULTS["eps"],
+        fallback_weight_decay: float = DEFAULTS["fallback_weight_decay"],
+        compensated: bool = DEFAULTS["compensated"],
+        grafting: str | None = DEFAULTS["grafting"],
+        guard: float | None = DEFAULTS["guard"],
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         arguments = dict(locals())
-        defaults = validate_hyperparameters({k: arguments[k] for k in DEFAULTS})
+        defaults = validate_hyperparameters({k: arguments[k] for k in _OWN})
+        first = FirstOrderConfig.parse(arguments)
+        defaults.update({k: getattr(first, k) for k in FIRST_ORDER_DEFAULTS})
         self._warned_unscale = False
+        #: every activation of the factor-update guard, in order (see :meth:`guard_activations`)
+        self._guard_log: list[GuardActivation] = []
+        self._grad_div = 1.0  # this step's gradient unscaling, for grafting's raw gradients
         #: ``reduce(tensors, average)``: in place across ranks, the mean where ``average[i]``,
         #: else the sum (see :mod:`singd.distributed`); None: statistics stay rank-local.
         self.reduce_statistics: Callable[[list[Tensor], list[bool]], None] | None
@@ -469,6 +525,17 @@ class SINGD(KroneckerOptimizer):
         if owners is not None:
             self._share_factors(due, owners)
 
+    def _guard_observer(self, step: int, layer: str, guard: float | None) -> Callable | None:
+        """The ``observe`` callback that logs the guard's activations for ``layer``."""
+        if guard is None:
+            return None
+
+        def observe(factor: str, reach: float) -> None:
+            if reach > guard:
+                self._guard_log.append(GuardActivation(step, layer, factor, reach))
+
+        return observe
+
     def _riemannian_update(self, d: _Due, step: int) -> None:
         """:func:`singd.update.riemannian_step` of one layer."""
         st, cfg, s = d.state, d.cfg, d.stats
@@ -487,18 +554,24 @@ class SINGD(KroneckerOptimizer):
             normalize_lr_cov=cfg.normalize_lr_cov,
             scale_K=s.scale_K,
             scale_C=s.scale_C,
+            guard=cfg.guard,
+            observe=self._guard_observer(step, st.layer.name, cfg.guard),
         )
         if alpha1 > 0:
             st.m_K, st.m_C = m_K, m_C
         self._refresh_grams(st, cfg.T)
 
-    @staticmethod
-    def _diagonal_update(batch: list[_Due], step: int) -> None:
+    def _diagonal_update(self, batch: list[_Due], step: int) -> None:
         """:func:`singd.update.diagonal_steps` of layers with diagonal K and C that share a
         group and dtype."""
         layers = [d.state for d in batch]
         cfg = batch[0].cfg
         momentum = cfg.alpha1_effective > 0
+
+        def observe(index: int, factor: str, reach: float) -> None:
+            name = layers[index].layer.name
+            self._guard_log.append(GuardActivation(step, name, factor, reach))
+
         squares = diagonal_steps(
             [st.K for st in layers],
             [st.C for st in layers],
@@ -514,6 +587,8 @@ class SINGD(KroneckerOptimizer):
             scales_K=[d.stats.scale_K for d in batch],
             scales_C=[d.stats.scale_C for d in batch],
             square_sums=batch[0].stats.square_sums_K,
+            guard=cfg.guard,
+            observe=observe,
         )
         for j, st in enumerate(layers):  # F F^T of a diagonal factor: its squared entries
             st.gram_K = Gram("diag", squares[j])
@@ -551,7 +626,7 @@ class SINGD(KroneckerOptimizer):
 
     def _update_parameters(self, grad_div: float, configs: dict[int, SINGDConfig]) -> None:
         """Precondition the layer gradients and apply the heavy-ball update, per group."""
-        batches = {key: FirstOrderBatch([], []) for key in configs}
+        batches = {key: FirstOrderBatch([], [], []) for key in configs}
         diagonal: dict[int, _DiagonalGrads] = {}
         assembled: dict[int, dict[Tensor, Tensor]] = {}
         for st in self._layers.values():
@@ -571,7 +646,8 @@ class SINGD(KroneckerOptimizer):
                 )
             ):
                 lefts, rights = layer.diagonal_scales(gC.value, gK.value)
-                grads = diagonal.setdefault(id(st.group), _DiagonalGrads([], [], [], []))
+                grads = diagonal.setdefault(id(st.group), _DiagonalGrads([], [], [], [], []))
+                grads.sizes.append(len(layer.params()))
                 grads.params.extend(layer.params())
                 grads.grads.extend(p.grad for p in layer.params())
                 grads.lefts.extend(lefts)
@@ -590,23 +666,58 @@ class SINGD(KroneckerOptimizer):
                 for part, d in zip(targets, layer.split(D)):
                     part.copy_(d)
                 continue
-            batches[id(st.group)].params.extend(layer.params())
-            batches[id(st.group)].directions.extend(layer.split(D))
+            batches[id(st.group)].add(layer.params(), layer.split(D))
         for key, whole in assembled.items():
-            batches[key].params.extend(whole)
-            batches[key].directions.extend(whole.values())
+            for p, d in whole.items():
+                batches[key].add([p], [d])
         for key, grads in diagonal.items():
             D = precondition_diagonal(grads.grads, grads.lefts, grads.rights)
             if grad_div != 1.0:
                 torch._foreach_div_(D, grad_div)
-            batches[key].params.extend(grads.params)
-            batches[key].directions.extend(D)
+            start = 0
+            for size in grads.sizes:
+                end = start + size
+                batches[key].add(grads.params[start:end], D[start:end])
+                start = end
+        self._grad_div = grad_div
         for group in self.param_groups:
             cfg, batch = configs[id(group)], batches[id(group)]
             done = {id(p) for p in batch.params}
             rest = [p for p in group["params"] if id(p) not in done]
             self._fallback_update(cfg, rest, grad_div, batch)
             self._heavy_ball(cfg, batch)
+
+    def _heavy_ball(self, cfg: SINGDConfig, batch: FirstOrderBatch) -> None:
+        """The group's heavy-ball update, grafted onto Adam's per-layer norms with
+        ``grafting="adam"`` (:func:`singd.update.grafted_heavy_ball_`)."""
+        if cfg.grafting is None or not batch.params:
+            super()._heavy_ball(cfg, batch)
+            return
+        raw = [p.grad if self._grad_div == 1.0 else p.grad / self._grad_div for p in batch.params]
+        adam = adam_update_directions(self.state, batch.params, raw, cfg.first_order)
+        buffers = [self.state[p].get("momentum_buffer") for p in batch.params]
+        directions = [
+            d if d.dtype == p.dtype else d.to(p.dtype)
+            for d, p in zip(batch.directions, batch.params)
+        ]
+        new = grafted_heavy_ball_(
+            batch.params,
+            [d.clone() if d is p.grad else d for d, p in zip(directions, batch.params)],
+            buffers,
+            adam,
+            batch.units,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            compensations=(
+                compensation_buffers(self.state, batch.params)
+                if cfg.first_order.compensated
+                else None
+            ),
+        )
+        if cfg.momentum > 0:
+            for p, buf in zip(batch.params, new):
+                self.state[p]["momentum_buffer"] = buf
 
     # ------------------------------------------------------------------ views
     def preconditioner_factors(self) -> dict[str, LayerFactors]:
@@ -626,6 +737,10 @@ class SINGD(KroneckerOptimizer):
                 factors["m_C"] = FactorView(st.m_C, "momentum", sc)
             out[name] = LayerFactors(name, st.layer.kind, factors)
         return out
+
+    def guard_activations(self) -> list[GuardActivation]:
+        """Every activation of the factor-update guard so far, in order (a copy)."""
+        return list(self._guard_log)
 
     def _factor_bytes(self, name: str, st: _LayerState) -> dict[str, int]:
         """``K``, ``C`` (with their cached Gram matrices, kept when T > 1), ``m_K``, ``m_C``."""
@@ -719,6 +834,7 @@ class SINGD(KroneckerOptimizer):
         restored = self._restore_factors(extra["layers"])
         current = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        self._keep_state_dtypes(state_dict)
         for g, old in zip(self.param_groups, current):
             g.update(keep_callable(g, old))
             g["structures"] = tuple(g["structures"])

@@ -16,12 +16,13 @@ arguments in place where the docstring says so and return the results.
 from __future__ import annotations
 
 import functools
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from singd.first_order import add_
 from singd.structures import (
     BlockDiagonal,
     Dense,
@@ -72,6 +73,18 @@ def _m_hat(
     return m_K, m_C
 
 
+def spectral_bound(m: StructuredMatrix) -> Tensor:
+    """``sqrt(||m||_1 ||m||_inf) >= ||m||_2`` (largest absolute column and row sums) as a
+    0-dim float32 tensor: exact for a diagonal ``m``, two structured mat-vecs otherwise."""
+    if isinstance(m, Diagonal):
+        return m.diag.abs().max().float()
+    absolute = type(m)._wrap(m.dim, *(t.abs() for t in m._tensors()))
+    ones = torch.ones(m.dim, 1, dtype=m.dtype, device=m.device)
+    rows = (absolute @ ones).max().float()
+    columns = (ones.T @ absolute).max().float()
+    return (rows * columns).sqrt()
+
+
 def riemannian_step(
     K: StructuredMatrix,
     C: StructuredMatrix,
@@ -87,6 +100,8 @@ def riemannian_step(
     normalize_lr_cov: bool = False,
     scale_K: float = 1.0,
     scale_C: float = 1.0,
+    guard: float | None = None,
+    observe: Callable[[str, float], None] | None = None,
 ) -> tuple[StructuredMatrix, StructuredMatrix, StructuredMatrix | None, StructuredMatrix | None]:
     """One preconditioner update ``K <- K - beta1 K m_K``, ``C <- C - beta1 C m_C``.
 
@@ -97,6 +112,13 @@ def riemannian_step(
     updated in place and returned. ``scale_K``/``scale_C`` multiply the statistics (so that
     callers need not rescale them first). Layers whose K and C are both diagonal have a
     faster batched form, :func:`diagonal_steps`.
+
+    ``guard`` (the trust region of the factor update): where ``beta1 b(m)`` exceeds it, with
+    ``b(m)`` the bound :func:`spectral_bound` on ``||m||_2``, beta1 shrinks to
+    ``guard / b(m)``, so the singular values of ``I - beta1 m`` stay within ``1 +- guard`` and
+    one update cannot scale the factor by more than ``1 + guard``. Below it the update is
+    the unguarded one, bit for bit. ``observe(factor, beta1 b(m))`` ("K" or "C") is called
+    for every factor when a guard is set.
     """
     if kfac_like:
         alpha1 = 0.0
@@ -109,10 +131,21 @@ def riemannian_step(
     else:
         new_K, new_C = mh_K, mh_C
         m_K = m_C = None
-    for F, m in ((K, new_K), (C, new_C)):
+    for side, F, m in (("K", K, new_K), ("C", C, new_C)):
         step = F @ m
         if normalize_lr_cov:
             beta = lr_cov / torch.clamp(m.infinity_vector_norm().float(), min=1.0)
+        else:
+            beta = lr_cov
+        if guard is not None:
+            reach = float(beta * spectral_bound(m))
+            if observe is not None:
+                observe(side, reach)
+            if reach > guard:
+                beta = beta * (guard / reach)
+                F.add_(step.mul_(-torch.as_tensor(beta).to(F.dtype)))
+                continue
+        if normalize_lr_cov:
             F.add_(step.mul_(-beta.to(F.dtype)))
         else:
             F.add_(step, alpha=-lr_cov)
@@ -149,6 +182,8 @@ def diagonal_steps(
     scales_K: list[float] | None = None,
     scales_C: list[float] | None = None,
     square_sums: bool = False,
+    guard: float | None = None,
+    observe: Callable[[int, str, float], None] | None = None,
 ) -> list[Tensor]:
     """:func:`riemannian_step` for several layers whose K and C are all diagonal, of one dtype.
 
@@ -158,8 +193,10 @@ def diagonal_steps(
     place; ``H_Ks``/``H_Cs`` are consumed; ``m_Ks``/``m_Cs`` None (or ``alpha1 == 0``, or
     ``kfac_like``) means no Riemannian momentum. ``square_sums``: the statistics are the
     column sums of squares of the data (``diag(X^T X)``), not yet multiplied by the squared
-    factor entries. Returns the squared new entries of every K, then every C (views of one
-    tensor: the ``F F^T`` of :func:`gram`).
+    factor entries. ``guard`` is :func:`riemannian_step`'s, per factor; ``observe(layer
+    index, "K" or "C", beta1 ||m||_F)`` is called for each factor it shrinks. Returns the
+    squared new entries of every K, then every C (views of one tensor: the ``F F^T`` of
+    :func:`gram`).
     """
     n = len(Ks)
     if n == 0:
@@ -204,12 +241,41 @@ def diagonal_steps(
     if normalize_lr_cov:
         peaks = m.new_zeros(2 * n, dtype=torch.float32)
         peaks.scatter_reduce_(0, ids, m.abs().float(), "amax").clamp_(min=1.0)
-        beta = (lr_cov / peaks).to(dtype).index_select(0, ids)
+        betas = lr_cov / peaks
+        if guard is not None:
+            _guard_diagonal(m, ids, betas, guard, observe, n)
+        beta = betas.to(dtype).index_select(0, ids)
         F.addcmul_(F, m.mul_(beta), value=-1.0)  # K <- K - beta1 / max(1, |m|_inf) K m
     else:
+        if guard is not None:
+            betas = torch.full((2 * n,), lr_cov, dtype=torch.float32, device=device)
+            _guard_diagonal(m, ids, betas, guard, observe, n)
         F.addcmul_(F, m, value=-lr_cov)  # K <- K - beta1 K m
     torch._foreach_copy_(f, F.split(lengths))
     return list(F.square_().split(lengths))
+
+
+def _guard_diagonal(
+    m: Tensor,
+    ids: Tensor,
+    betas: Tensor,
+    guard: float,
+    observe: Callable[[int, str, float], None] | None,
+    n: int,
+) -> None:
+    """Shrink, in place, the segments of ``m`` whose ``beta max|m|`` (the spectral norm of a
+    diagonal matrix) exceeds ``guard`` to reach it exactly (one host read; nothing changes
+    where no factor exceeds it)."""
+    peaks = torch.zeros(2 * n, dtype=torch.float32, device=m.device)
+    reach = peaks.scatter_reduce_(0, ids, m.abs().float(), "amax").mul_(betas)
+    if not float(reach.max()) > guard:
+        return
+    shrink = (guard / reach).clamp_(max=1.0)
+    m.mul_(shrink.to(m.dtype).index_select(0, ids))
+    if observe is not None:
+        for i, r in enumerate(reach.tolist()):
+            if r > guard:
+                observe(i % n, "K" if i < n else "C", r)
 
 
 def inner_statistic(F: StructuredMatrix, rows: Tensor) -> StructuredMatrix:
@@ -388,18 +454,20 @@ def heavy_ball_(
     lr: float,
     momentum: float,
     weight_decay: float,
+    compensations: list[Tensor | None] | None = None,
 ) -> list[Tensor | None]:
     """``s = d + gamma p``; ``buf <- alpha2 buf + s`` (buf starts at zero); ``p -= lr buf``.
 
     ``directions`` may be modified in place (pass copies when they must survive). Returns the
-    new buffers (None everywhere when ``momentum == 0``); ``params`` are updated in place.
+    new buffers (None everywhere when ``momentum == 0``); ``params`` are updated in place,
+    Kahan-compensated where ``compensations`` has a buffer (:func:`singd.first_order.add_`).
     """
     if not params:
         return buffers
     if weight_decay != 0.0:
         torch._foreach_add_(directions, params, alpha=weight_decay)
     if momentum == 0.0:
-        torch._foreach_add_(params, directions, alpha=-lr)
+        _apply(params, directions, lr, compensations)
         return [None] * len(params)
     fresh = [i for i, b in enumerate(buffers) if b is None]
     for i in fresh:
@@ -410,8 +478,69 @@ def heavy_ball_(
         bufs = [buffers[i] for i in old]
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, [directions[i] for i in old])
-    torch._foreach_add_(params, buffers, alpha=-lr)
+    _apply(params, buffers, lr, compensations)
     return buffers
+
+
+def _apply(
+    params: list[Tensor], steps: list[Tensor], lr: float, compensations: list | None
+) -> None:
+    """``p -= lr * step`` for each pair, compensated where a buffer is given."""
+    if compensations is None or all(c is None for c in compensations):
+        torch._foreach_add_(params, steps, alpha=-lr)
+    else:
+        add_(params, steps, alpha=-lr, compensations=compensations)
+
+
+def grafted_heavy_ball_(
+    params: list[Tensor],
+    directions: list[Tensor],
+    buffers: list[Tensor | None],
+    norms_from: list[Tensor],
+    units: list[int],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    compensations: list[Tensor | None] | None = None,
+) -> list[Tensor | None]:
+    """Heavy-ball on ``directions``, each unit's step rescaled to the norm of ``norms_from``.
+
+    ``buf <- alpha2 buf + d`` (buf starts at zero); per unit ``u`` (``units[i]`` names the
+    unit of parameter ``i``: a layer's weight and bias form one) the step is
+    ``buf * ||a_u|| / ||buf_u||`` where ``a = norms_from`` (Adam's update direction for
+    grafting; a unit whose buffer is zero does not move); then
+    ``p -= lr (step + gamma p)`` (decoupled weight decay, as AdamW). The step of a unit thus
+    has Adam's norm and SINGD's direction, momentum included, so ``lr`` means what it means
+    for AdamW. ``directions`` are consumed. Returns the buffers (None for ``momentum == 0``).
+    """
+    if not params:
+        return buffers
+    if momentum == 0.0:
+        buffers = list(directions)
+    else:
+        for i, b in enumerate(buffers):
+            if b is None:
+                buffers[i] = directions[i]
+            else:
+                b.mul_(momentum).add_(directions[i])
+    ids = torch.tensor(units, device=params[0].device)
+    count = int(max(units)) + 1
+    sums = torch.zeros((2, count), dtype=torch.float32, device=params[0].device)
+    both = torch.stack(
+        [
+            torch.stack(torch._foreach_norm(buffers)).float(),
+            torch.stack(torch._foreach_norm(norms_from)).float(),
+        ]
+    )
+    sums.index_add_(1, ids, both.square())
+    ratio = torch.where(sums[0] > 0, sums[1].sqrt() / sums[0].sqrt(), torch.zeros_like(sums[0]))
+    scales = ratio[ids].tolist()
+    steps = torch._foreach_mul(buffers, scales)
+    if weight_decay != 0.0:
+        torch._foreach_add_(steps, list(params), alpha=weight_decay)
+    _apply(params, steps, lr, compensations)
+    return [None] * len(params) if momentum == 0.0 else buffers
 
 
 def heavy_ball_step_(
@@ -422,6 +551,7 @@ def heavy_ball_step_(
     lr: float,
     momentum: float,
     weight_decay: float,
+    compensations: list[Tensor | None] | None = None,
 ) -> None:
     """:func:`heavy_ball_` with each parameter's buffer in ``state[p]["momentum_buffer"]``
     (an optimizer's ``state``; a buffer is moved to its parameter's dtype and device where
@@ -433,7 +563,15 @@ def heavy_ball_step_(
             buf = buf.to(dtype=p.dtype, device=p.device)
         bufs.append(buf)
     dirs = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(directions, params)]
-    new = heavy_ball_(params, dirs, bufs, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    new = heavy_ball_(
+        params,
+        dirs,
+        bufs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        compensations=compensations,
+    )
     if momentum > 0:
         for p, buf in zip(params, new):
             state[p]["momentum_buffer"] = buf

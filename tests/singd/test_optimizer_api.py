@@ -37,6 +37,15 @@ def test_import_and_argument_names_match_the_reference_package():
         "init_grad_scale",
         "normalize_lr_cov",
         "loss_average",
+        # this package's additions, after the reference's (so positional calls still work)
+        "fallback",
+        "fallback_lr",
+        "betas",
+        "eps",
+        "fallback_weight_decay",
+        "compensated",
+        "grafting",
+        "guard",
     ]
     defaults = {
         k: v.default for k, v in inspect.signature(SINGD).parameters.items() if k in DEFAULTS
@@ -57,6 +66,14 @@ def test_import_and_argument_names_match_the_reference_package():
         "init_grad_scale": 1.0,
         "normalize_lr_cov": False,
         "loss_average": "batch",
+        "fallback": "adamw",
+        "fallback_lr": None,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "fallback_weight_decay": 1e-2,
+        "compensated": False,
+        "grafting": None,
+        "guard": 0.5,
     }
 
 

@@ -208,7 +208,7 @@ def test_tied_embedding_and_head_get_one_fallback_update():
     model = nn.Sequential(emb, nn.Linear(4, 4), head)
     before = emb.weight.detach().clone()
     with pytest.warns(UserWarning, match="shared by several modules"):
-        opt = SINGD(model, lr=0.1, momentum=0.0)
+        opt = SINGD(model, lr=0.1, momentum=0.0, fallback="heavy_ball")
     assert list(opt.fallback_parameters()) == ["0.weight"]
     idx = torch.randint(0, 6, (3, 5))
     F.cross_entropy(model(idx).reshape(-1, 6), idx.reshape(-1)).backward()
