@@ -625,12 +625,14 @@ class KroneckerOptimizer(Optimizer):
                 lr=cfg.lr,
                 momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay,
-                compensations=(
-                    compensation_buffers(self.state, batch.params)
-                    if cfg.first_order.compensated
-                    else None
-                ),
+                compensations=self._compensations(cfg, batch.params),
             )
+
+    def _compensations(self, cfg: Any, params: Sequence[Tensor]) -> list[Tensor | None] | None:
+        """The Kahan buffers of ``params`` where the group asks for compensation, else None."""
+        if not cfg.first_order.compensated:
+            return None
+        return compensation_buffers(self.state, params)
 
     # ------------------------------------------------------------------ views
     @property

@@ -27,7 +27,6 @@ from singd.base import (
     check_choice,
     check_int,
     check_number,
-    compensation_buffers,
     is_number,
 )
 from singd.capture import KFAC_APPROXIMATIONS, LAYER_KINDS, LOSS_AVERAGES, Layer
@@ -709,11 +708,7 @@ class SINGD(KroneckerOptimizer):
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
-            compensations=(
-                compensation_buffers(self.state, batch.params)
-                if cfg.first_order.compensated
-                else None
-            ),
+            compensations=self._compensations(cfg, batch.params),
         )
         if cfg.momentum > 0:
             for p, buf in zip(batch.params, new):
