@@ -11,6 +11,11 @@ values before it:
   and a symmetric factor whose smallest eigenvalue is below ``-damping / 2``;
 - any non-finite value, and the NaN/Inf events (except the loss and layer inputs).
 
+A finite value is judged only once its series has ``window`` recorded values (the first
+steps of training move fast). Activations of SINGD's factor-update guard (``guard_reach``
+rows) are findings of kind ``"guard"``, one per layer and factor; they are evidence, never
+the origin.
+
 The origin is the first of these by (step, phase, position in the forward pass): within a
 step the forward pass (activations, events) comes before factors and then parameters and
 updates, so a layer whose output blows up is named before the layers upstream whose
@@ -122,10 +127,11 @@ def diagnose(
     m = recording.metrics
     for sig in signals:
         found += _range_findings(m, sig, window)
+    found += _error_findings(recording.errors, order)  # before its evidence in the same step
     found += _definiteness_findings(m)
     found += _event_findings(recording.events)
-    found += _error_findings(recording.errors, order)
     found += _loss_findings(recording.steps, window)
+    found += _guard_findings(m)
     stalled, stall_rows = _stalled(m)
     found += stall_rows + _rounding_findings(m)
 
@@ -182,6 +188,8 @@ def _range_findings(m: pd.DataFrame, sig: _Signal, window: int) -> list[dict[str
     for (layer, factor), g in rows.groupby(["layer", "factor"], sort=False):
         steps, vals = g["step"].to_numpy(), g["value"].to_numpy(dtype=float)
         for i, v in enumerate(vals):
+            if i < window and math.isfinite(v):
+                continue  # early training moves fast: judged once a full window is recorded
             hit = _left_range(v, vals[max(0, i - window) : i], sig.up, sig.down)
             if hit is None:
                 continue
@@ -331,4 +339,23 @@ def _rounding_findings(m: pd.DataFrame) -> list[dict[str, Any]]:
             ev = f"median {100 * med:.0f} % of the intended update lost"
             msg = f"{param}: most of each update is lost to rounding"
             out.append(_finding(g["step"].iloc[0], layer, param, "rounding", ev, msg, 4, False))
+    return out
+
+
+def _guard_findings(m: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each factor whose update SINGD's guard shrank: at its first activation, with the count
+    and the largest reach (the guard is a safety net: never the origin)."""
+    reach = m[m["metric"] == "guard_reach"]
+    if not len(reach):
+        return []
+    limits = m[m["metric"] == "guard"].drop_duplicates(["step", "layer", "factor"])
+    limits = limits.set_index(["step", "layer", "factor"])["value"]
+    out = []
+    for (layer, factor), g in reach.groupby(["layer", "factor"], sort=False):
+        first = g.iloc[0]
+        limit = limits.get((first["step"], layer, factor))
+        bound = f" > {_fmt(limit)}" if limit is not None and math.isfinite(limit) else ""
+        msg = f"guard shrank lr_cov for factor {factor} (reach {_fmt(first['value'])}{bound})"
+        ev = f"{len(g)} activation(s), largest reach {_fmt(g['value'].max())}"
+        out.append(_finding(first["step"], layer, factor, "guard", ev, msg, 3, False))
     return out

@@ -91,10 +91,12 @@ from diagnostics.record.quantities.base import (
     MODEL,
     PROCESS,
     LayerIndex,
+    MetricRow,
     Params,
     StepContext,
     fused_norms,
 )
+from diagnostics.record.quantities.events import GuardLog
 from diagnostics.record.quantities.factors import SpectraJob
 from diagnostics.record.quantities.flight import FlightRecorder
 from diagnostics.record.quantities.rounding import Rounding
@@ -181,6 +183,20 @@ def _check_arguments(
         raise ValueError(f"power_iters must be an int >= 1, got {power_iters!r}")
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+
+
+def _check_options(max_events: Any, flight: Any, step_norms: Any, budget: Any) -> None:
+    """Refuse recorder options of the wrong type or range with a message that says which."""
+    if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
+        raise ValueError(f"max_events must be an int >= 0, got {max_events!r}")
+    if isinstance(flight, bool) or not isinstance(flight, int) or flight < 0:
+        raise ValueError(f"flight must be an int >= 0 (recorded steps kept), got {flight!r}")
+    if step_norms not in (True, False, "grad"):
+        raise ValueError(f"step_norms must be 'grad', True or False, got {step_norms!r}")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
+    ):
+        raise ValueError(f"budget must be a fraction > 0 of training time or None, got {budget!r}")
 
 
 def _check_finite_mode(check_finite: bool | str | None) -> str | bool:
@@ -274,8 +290,7 @@ class Recorder:
         budget: float | None = 0.05,
     ) -> None:
         _check_arguments(optimizer, model, scaler, max_dim, power_iters, config)
-        if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
-            raise ValueError(f"max_events must be an int >= 0, got {max_events!r}")
+        _check_options(max_events, flight, step_norms, budget)
         self.optimizer = optimizer
         self.model = model
         self.every = every
@@ -289,18 +304,8 @@ class Recorder:
         self.power_iters = power_iters
         self.max_events = max_events
         self.workers, self._workers_auto = _worker_count(workers)
-        if isinstance(flight, bool) or not isinstance(flight, int) or flight < 0:
-            raise ValueError(f"flight must be an int >= 0 (recorded steps kept), got {flight!r}")
         self.flight = flight
-        if step_norms not in (True, False, "grad"):
-            raise ValueError(f"step_norms must be 'grad', True or False, got {step_norms!r}")
         self.step_norms = step_norms
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0
-        ):
-            raise ValueError(
-                f"budget must be a fraction > 0 of training time or None, got {budget!r}"
-            )
         self.budget = None if budget is None else float(budget)
         self._train_s = 0.0
         self._own_s = 0.0
@@ -308,7 +313,29 @@ class Recorder:
         self.name = name if name is not None else type(optimizer).__name__
         self.summary: dict[str, Any] = {}
 
-        # the quantities, and what the scheduler keeps for them
+        self._make_quantities(max_dim, power_iters, max_events, flight)
+        self._listeners: list[Listener] = []
+
+        self._step = 0
+        self._stepped = False
+        self._cache: Recording | None = None
+        self._closed = False
+        self._pre_handle = (
+            optimizer.register_step_pre_hook(self._pre_step)
+            if hasattr(optimizer, "register_step_pre_hook")
+            else None
+        )
+        self.meta: dict[str, Any] = self._meta(config, seed)
+        self._last_end = time.perf_counter()
+        self._next_recorded = self._schedule(0)
+        if self._next_recorded:
+            self._arm()
+
+    def _make_quantities(
+        self, max_dim: int, power_iters: int, max_events: int, flight: int
+    ) -> None:
+        """Build the quantities, and what the scheduler keeps for them."""
+        optimizer, model = self.optimizer, self.model
         self._params = Params.of(optimizer, model)
         self._index = LayerIndex(model)
         self._group_of: dict[str, int] = {}
@@ -332,7 +359,7 @@ class Recorder:
         self._factors.copy = self._use_worker  # the optimizer changes factors a worker reads
         self._state = OptimizerState(optimizer, self._params, self._factors.active)
         self._events = Events(self._params, self.check_finite, max_events, self._index)
-        self._memory = Memory(optimizer, self._params) if memory else None
+        self._memory = Memory(optimizer, self._params) if self.memory else None
         self._activations = Activations()
         self._rounding = Rounding(optimizer, self._params)
         self._flight = FlightRecorder(flight if self._factors.active else 0)
@@ -340,22 +367,7 @@ class Recorder:
             self.workers if self._use_worker else 0, self._factors.compute, self._merge
         )
         self._hooks = ActivationHooks(model, self._index)
-        self._listeners: list[Listener] = []
-
-        self._step = 0
-        self._stepped = False
-        self._cache: Recording | None = None
-        self._closed = False
-        self._pre_handle = (
-            optimizer.register_step_pre_hook(self._pre_step)
-            if hasattr(optimizer, "register_step_pre_hook")
-            else None
-        )
-        self.meta: dict[str, Any] = self._meta(config, seed)
-        self._last_end = time.perf_counter()
-        self._next_recorded = self._schedule(0)
-        if self._next_recorded:
-            self._arm()
+        self._guard = GuardLog(optimizer, lambda layer: self._group_number(layer, "guard"))
 
     def _meta(self, config: dict[str, Any] | None, seed: int | None) -> dict[str, Any]:
         """What ``recording.meta`` says about the run and the recorder."""
@@ -511,10 +523,32 @@ class Recorder:
         exception = type(exc).__name__ if isinstance(exc, BaseException) else ""
         row = self._events.error(s, phase, layer, tensor, exception, message, self._grad_scale())
         self._tables.errors.append(row)
-        if not self._flight.done:
-            with contextlib.suppress(Exception):  # a broken optimizer may not show its factors
-                self._flight.freeze(s, self._factors.read(), self._tables)
+        with contextlib.suppress(Exception):  # a broken optimizer may not show its factors
+            factors = self._factors.read()
+            if not self._flight.done:
+                self._flight.freeze(s, factors, self._tables)
+            self._error_eig_min(s, factors)
         self._cache = None
+
+    def _error_eig_min(self, step: int, factors: list) -> None:
+        """The exact smallest eigenvalue (and damping) of each symmetric factor at an error's
+        step, where that step has none: how far a factor was from losing definiteness."""
+        have = {(r.layer, r.factor) for r in self._tables.metrics[-4096:] if r.step == step}
+        for f in factors:
+            if f.view.role != "symmetric" or (f.layer, f.name) in have:
+                continue
+            dense = f.view.dense().detach().to("cpu", torch.float64)
+            if dense.dim() != 2 or not 0 < dense.shape[0] <= self.max_dim:
+                continue
+            if not bool(torch.isfinite(dense).all()):
+                continue
+            lam = float(torch.linalg.eigvalsh((dense + dense.T) / 2)[0])
+            self._tables.metrics.append(MetricRow(step, f.layer, f.name, "eig_min", lam))
+            damping = self._damping(f.layer)
+            if math.isfinite(damping) and (f.layer, "(optimizer)") not in have:
+                have.add((f.layer, "(optimizer)"))
+                row = MetricRow(step, f.layer, "(optimizer)", "damping", damping)
+                self._tables.metrics.append(row)
 
     @property
     def recording(self) -> Recording:
@@ -576,8 +610,12 @@ class Recorder:
 
     def _damping(self, layer: str) -> float:
         """The damping of the parameter group that holds ``layer``'s parameters (NaN: none)."""
+        return self._group_number(layer, "damping")
+
+    def _group_number(self, layer: str, key: str) -> float:
+        """``key`` of the parameter group that holds ``layer``'s parameters (NaN: none)."""
         gi = self._group_of.get(layer)
-        d = self.optimizer.param_groups[gi].get("damping") if gi is not None else None
+        d = self.optimizer.param_groups[gi].get(key) if gi is not None else None
         return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else math.nan
 
     def _grad_scale(self) -> float:
@@ -639,6 +677,7 @@ class Recorder:
             k += len(group)
 
         s, tables = ctx.step, self._tables
+        self._guard.record(tables)  # first: its rows have steps up to s
         self._activations.record(s, lazy, hooked_norms, tables)
         if self.events:
             findings = self._hooks.findings(hooked, hooked_norms) if hooked else []
@@ -676,6 +715,7 @@ class Recorder:
         """Turn the collected rows into a `Recording` (waits for pending spectra)."""
         self._worker.drain(wait=True)
         t = self._tables
+        self._guard.record(t)  # activations after the last recorded step
         for r in t.steps:
             for key in ("loss", "grad_norm", "update_norm"):
                 if isinstance(r.get(key), torch.Tensor):

@@ -1,10 +1,12 @@
 """`Events`: NaN/Inf events (one row per phase, layer and tensor, in the order they
-happened) and recorded errors (rows of their own table)."""
+happened) and recorded errors (rows of their own table); `GuardLog`: the activations of
+SINGD's factor-update guard as metric rows."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from diagnostics.record.quantities.base import (
     MODEL,
     Finding,
     LayerIndex,
+    MetricRow,
     Params,
     Probe,
     StepContext,
@@ -176,3 +179,48 @@ class Events:
             "message": message,
             "grad_scale": grad_scale,
         }
+
+
+#: Metric names of a guard activation: how far the factor update would have reached, and
+#: the group's ``guard`` it was shrunk to.
+GUARD_REACH, GUARD_LIMIT = "guard_reach", "guard"
+
+
+class GuardLog:
+    """Turns new entries of ``optimizer.guard_activations()`` into rows of ``metrics``.
+
+    Each activation ``(step, layer, factor, reach)`` (the guard shrank lr_cov so that the
+    update of ``factor`` reaches at most the group's ``guard``) becomes a ``guard_reach``
+    row and, when the group has a numeric ``guard``, a ``guard`` row at the same step,
+    layer and factor. Steps are counted from the recorder's first step. Optimizers without
+    ``guard_activations`` record nothing.
+    """
+
+    def __init__(self, optimizer: Any, limit: Callable[[str], float]) -> None:
+        self._read = getattr(optimizer, "guard_activations", None)
+        start = getattr(optimizer, "steps", 0)
+        self._start = start if isinstance(start, int) and not isinstance(start, bool) else 0
+        self._limit = limit
+        self._seen = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether the optimizer logs guard activations."""
+        return callable(self._read)
+
+    def record(self, tables: Tables) -> int:
+        """Append the activations logged since the last call; how many were new."""
+        if not self.active:
+            return 0
+        log = self._read()
+        new = log[self._seen :]
+        self._seen = len(log)
+        for a in new:
+            step, layer, factor, reach = a
+            step = max(int(step) - self._start, 0)
+            layer, factor = str(layer), str(factor)
+            tables.metrics.append(MetricRow(step, layer, factor, GUARD_REACH, float(reach)))
+            limit = self._limit(layer)
+            if math.isfinite(limit):
+                tables.metrics.append(MetricRow(step, layer, factor, GUARD_LIMIT, limit))
+        return len(new)
