@@ -571,15 +571,20 @@ def _axis_buttons(axis: str, log: bool) -> dict:
 
 
 def all_figures(recordings: Any) -> dict[str, go.Figure]:
-    """Every figure for the runs, keyed by a short name (the report shows them in this order)."""
+    """Every figure for the runs, keyed by a short name (the report shows them in this order);
+    ``"eig_min"`` only where a run has symmetric factors with a damping (KFAC)."""
     recs = as_recordings(recordings)
-    return {
+    out = {
         "curves": curves_figure(recs),
         "condition": condition_figure(recs),
         "spectrum": spectrum_figure(recs),
         "events": events_figure(recs),
         "memory": memory_figure(recs),
     }
+    eig = eig_min_figure(recs)
+    if len(eig.data):
+        out["eig_min"] = eig
+    return out
 
 
 def save_figure(fig: go.Figure, path: str | os.PathLike, **kwargs: Any) -> Path:
@@ -610,7 +615,8 @@ def save_figure(fig: go.Figure, path: str | os.PathLike, **kwargs: Any) -> Path:
 def eig_min_figure(recordings: Any) -> go.Figure:
     """The smallest eigenvalue of each symmetric factor (KFAC's A, G) over steps, signed, on
     a linear axis, against ``-damping`` of its layer: a factor whose smallest eigenvalue
-    reaches ``-damping`` makes ``factor + damping I`` singular (the Cholesky fails)."""
+    reaches ``-damping`` makes ``factor + damping I`` singular (the Cholesky fails). Open
+    markers: power-iteration estimates (an upper bound: the true value may be lower)."""
     recs = as_recordings(recordings)
     fig = go.Figure()
     multi = len(recs) > 1
@@ -621,6 +627,9 @@ def eig_min_figure(recordings: Any) -> go.Figure:
         damping = m[(m["factor"] == "(optimizer)") & (m["metric"] == "damping")]
         for layer, factor in damped.itertuples(index=False):
             rows = m[(m["layer"] == layer) & (m["factor"] == factor) & (m["metric"] == "eig_min")]
+            est = m[(m["layer"] == layer) & (m["factor"] == factor)]
+            est = set(est[(est["metric"] == "spectrum_estimated") & (est["value"] > 0)]["step"])
+            symbols = ["circle-open" if step in est else "circle" for step in rows["step"]]
             name = (f"{r.name} · " if multi else "") + f"{layer} · {factor}"
             color = PALETTE[n % len(PALETTE)]
             n += 1
@@ -628,6 +637,7 @@ def eig_min_figure(recordings: Any) -> go.Figure:
                 go.Scatter(
                     x=rows["step"].tolist(), y=_finite(rows["value"]), mode="lines+markers",
                     name=name, line={"color": color}, legendgroup=name,
+                    marker={"symbol": symbols, "size": 7},
                     hovertemplate=f"{name}<br>step %{{x}}<br>smallest eigenvalue %{{y:.4g}}"
                     "<extra></extra>",
                 )
@@ -646,7 +656,7 @@ def eig_min_figure(recordings: Any) -> go.Figure:
         return _empty(fig, "no symmetric factors with a damping (KFAC) recorded")
     fig.add_hline(y=0.0, line={"color": "#999", "width": 1})
     fig.update_layout(
-        title={"text": "smallest eigenvalue of each factor (dashed: −damping)"},
+        title={"text": "smallest eigenvalue of each factor (dashed: −damping; open: estimate)"},
         xaxis_title="step",
         yaxis_title="smallest eigenvalue (signed)",
     )

@@ -36,6 +36,8 @@ table.summary th:first-child, table.summary td:first-child { text-align: left; }
 table.summary td.text { white-space: normal; text-align: left; min-width: 12em;
        max-width: 32em; overflow-wrap: anywhere; }
 table.summary thead th { background: #f0f0f0; }
+table.summary tr.origin td { background: #fff3cd; font-weight: 600; }
+h3.run { font-size: 1.05em; margin-bottom: 0.3em; } p.headline { font-weight: 600; }
 details.more { margin-top: 0.6em; } details.more summary { cursor: pointer; color: #444; }
 .note { color: #666; font-size: 0.85em; }
 """

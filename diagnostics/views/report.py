@@ -3,7 +3,9 @@
 The page comes from the one HTML writer (`diagnostics.views.page`): plotly.js inlined
 exactly once, no network resources, controls that are plotly's own dropdowns, so the file
 works offline and without a kernel; it is written atomically. Each run's row of the summary
-table is its `RunSummary` (`diagnostics.views.summary`).
+table is its `RunSummary` (`diagnostics.views.summary`); each run's "Diagnosis" is what
+`diagnostics.diagnose` found (the origin first, stalled parameters, the findings table
+with the origin's row highlighted and rows beyond `SHOWN_FINDINGS` folded).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from diagnostics.diagnose import Diagnosis, diagnose
 from diagnostics.record.recording import Recording
 from diagnostics.views.figures import all_figures, as_recordings, human_bytes
 from diagnostics.views.page import figure_html, heading, html_page, table_html, write_html
@@ -50,7 +53,11 @@ _REPEATS = ("nan_events", "time_per_step", "error")
 #: Columns with free text: wrapped instead of widening the table.
 _TEXT_COLUMNS = ("run", "why", "config", "versions")
 
+#: Findings rows shown per run before the rest are folded under ``<details>``.
+SHOWN_FINDINGS = 10
+
 _TITLES = {
+    "eig_min": "Smallest eigenvalue against −damping",
     "curves": "Loss and accuracy",
     "condition": "Condition numbers",
     "spectrum": "Spectra over steps",
@@ -122,11 +129,63 @@ def report_html(recordings: Any, *, title: str = "singd-lab report") -> str:
         heading("Summary"),
         _format_table(summary_table(recs)),
     ]
+    body.append(_diagnosis_section(recs))
     for i, (key, fig) in enumerate(figs.items()):
         body.append(heading(_TITLES.get(key, key)))
         body.append(figure_html(fig, f"fig-{key}-{i}"))
     body.append(_meta_section(recs))
     return html_page(title, body)
+
+
+def _diagnosis_section(recs: list[Recording]) -> str:
+    """Per run: diagnose's headline (where trouble started), stalled parameters, findings."""
+    parts = [heading("Diagnosis")]
+    for r in recs:
+        parts.append(f'<h3 class="run">{html.escape(r.name)}</h3>')
+        try:
+            d = diagnose(r)
+        except Exception as exc:  # a report is still written for a recording diagnose refuses
+            parts.append(f'<p class="note">diagnose failed: {html.escape(repr(exc))}</p>')
+            continue
+        parts.append(f'<p class="headline">{html.escape(d.headline())}</p>')
+        if d.stalled:
+            names = ", ".join(html.escape(s) for s in d.stalled)
+            parts.append(
+                f"<p>Stalled (never moved while their gradients were non-zero): {names}</p>"
+            )
+        if len(d.findings):
+            parts.append(findings_html(d))
+    return "\n".join(parts)
+
+
+def findings_html(d: Diagnosis, shown: int = SHOWN_FINDINGS) -> str:
+    """The findings of ``d`` as escaped tables: the first ``shown`` rows (the origin's row
+    highlighted), the rest folded under ``<details>``; each layer with its kind."""
+    f = d.findings.copy()
+    f.insert(2, "layer kind", [d.kinds.get(layer, "") for layer in f["layer"]])
+    hit = (f["layer"] == d.origin) & (f["step"] == d.origin_step)
+    origin = int(hit.to_numpy().argmax()) if d.origin is not None and hit.any() else -1
+    text = ("layer", "layer kind", "evidence", "message")
+    out = _highlight_row(table_html(f.head(shown), text_columns=text), origin)
+    if len(f) > shown:
+        rest = table_html(f.iloc[shown:], text_columns=text)
+        out += (
+            f'<details class="more"><summary>{len(f) - shown} more findings</summary>'
+            f"{_highlight_row(rest, origin - shown)}</details>"
+        )
+    return out
+
+
+def _highlight_row(table: str, row: int) -> str:
+    """Give body row ``row`` of an HTML table ``class="origin"`` (nothing when out of range)."""
+    if row < 0:
+        return table
+    head, sep, body = table.partition("<tbody>")
+    pieces = body.split("<tr>")
+    if not sep or row + 1 >= len(pieces):
+        return table
+    marked = [('<tr class="origin">' if i == row else "<tr>") + x for i, x in enumerate(pieces[1:])]
+    return head + sep + pieces[0] + "".join(marked)
 
 
 def _meta_section(recs: list[Recording]) -> str:

@@ -250,8 +250,20 @@ def test_all_figures_accepts_a_recorder():
     opt.step()
     rec.step(loss=1.0)
     figs = all_figures(rec)
+    # SGD has no symmetric factors with a damping: no eig_min figure
     assert set(figs) == {"curves", "condition", "spectrum", "events", "memory"}
     assert all(isinstance(f, go.Figure) for f in figs.values())
+
+
+def test_all_figures_adds_eig_min_only_for_damped_symmetric_factors_and_marks_estimates():
+    meta = {"optimizer": "KFAC"}
+    rows = [("1", "A", "eig_min", -0.2), ("1", "A", "cond_damped", 7.0),
+            ("1", "A", "spectrum_estimated", 1.0), ("1", "(optimizer)", "damping", 0.1)]  # fmt: skip
+    figs = all_figures(_factor_rec("kfac", meta, rows))
+    assert list(figs)[-1] == "eig_min"
+    line, damping = figs["eig_min"].data
+    assert list(line.y) == [-0.2, -0.2] and list(damping.y) == [-0.1, -0.1]
+    assert set(line.marker.symbol) == {"circle-open"}
 
 
 def test_save_figure_picks_the_format_from_the_suffix(tmp_path):

@@ -196,3 +196,45 @@ def test_report_shows_a_long_why_whole_in_a_wrapping_cell(tmp_path):
     rec.summary["why"] = "the factor lost its positive definiteness " * 10 + "THE END"
     text = report(rec, tmp_path / "r.html").read_text(encoding="utf-8")
     assert re.search(r'<td class="text">the factor lost[^<]*THE END</td>', text)
+
+
+def test_findings_html_highlights_the_origin_row_and_folds_rows_beyond_the_first_ten():
+    import pandas as pd
+
+    from diagnostics.diagnose import FINDING_COLUMNS, Diagnosis
+    from diagnostics.views.report import findings_html
+
+    rows = [
+        {
+            "step": i,
+            "layer": f"l{i}",
+            "factor": "A",
+            "kind": "error",
+            "evidence": "e",
+            "message": "m",
+        }
+        for i in range(13)
+    ]
+    d = Diagnosis("l2", 2, [], pd.DataFrame(rows, columns=FINDING_COLUMNS), {"l2": "Linear 3→4"})
+    out = findings_html(d)
+    shown, _, folded = out.partition("<details")
+    assert shown.count("<tr") == 11 and folded.count("<tr") == 4  # headers + 10 rows, + 3 rows
+    assert shown.count('class="origin"') == 1 and "Linear 3→4" in shown
+    origin_row = shown.split('<tr class="origin">')[1].split("</tr>")[0]
+    assert "l2" in origin_row and "3 more findings" in folded
+
+
+def test_report_has_a_diagnosis_per_run_and_the_eig_min_section_for_damped_factors():
+    from diagnostics.record.recording import frame_from_rows
+    from diagnostics.views.report import report_html
+
+    rows = [("1", "A", "eig_min", -0.2), ("1", "A", "cond_damped", 7.0),
+            ("1", "(optimizer)", "damping", 0.1)]  # fmt: skip
+    metrics = [{"step": s, "layer": ly, "factor": fa, "metric": me, "value": v}
+               for s in (0, 10) for ly, fa, me, v in rows]  # fmt: skip
+    kfac = Recording(name="kfac-run", metrics=frame_from_rows("metrics", metrics))
+    page = report_html([kfac])
+    assert "<h2>Diagnosis</h2>" in page and '<h3 class="run">kfac-run</h3>' in page
+    assert "Trouble started in 1 at step 0: A lost definiteness" in page
+    assert "Smallest eigenvalue against −damping" in page
+    assert "Smallest eigenvalue against" not in report_html([Recording(name="plain")])
