@@ -255,10 +255,14 @@ def test_all_figures_accepts_a_recorder():
     assert all(isinstance(f, go.Figure) for f in figs.values())
 
 
-def test_all_figures_adds_eig_min_only_for_damped_symmetric_factors_and_marks_estimates():
+def test_all_figures_adds_eig_min_only_for_damped_symmetric_factors_marking_estimates():
     meta = {"optimizer": "KFAC"}
-    rows = [("1", "A", "eig_min", -0.2), ("1", "A", "cond_damped", 7.0),
-            ("1", "A", "spectrum_estimated", 1.0), ("1", "(optimizer)", "damping", 0.1)]  # fmt: skip
+    rows = [
+        ("1", "A", "eig_min", -0.2),
+        ("1", "A", "cond_damped", 7.0),
+        ("1", "A", "spectrum_estimated", 1.0),
+        ("1", "(optimizer)", "damping", 0.1),
+    ]
     figs = all_figures(_factor_rec("kfac", meta, rows))
     assert list(figs)[-1] == "eig_min"
     line, damping = figs["eig_min"].data
