@@ -12,7 +12,8 @@ def test_natural_gradient_notebook_shows_ikfac_reaching_the_damped_inverse_and_k
     out = run_notebook(
         "01_natural_gradient.ipynb", tmp_path, n_classes=3, n_features=5, steps=15,
         damping=1e-2, lr_cov=0.3, ikfac_steps=120, tolerance=tolerance, seed=3,
-        lr_kfac=0.5, min_ratio=3.0,
+        lr_kfac=0.5, min_ratio=3.0, singd_lr=1.0, singd_lr_cov=0.5, singd_alpha1=0.3,
+        structures=["dense", "diagonal"],
     )  # fmt: skip
     claims = out["claims"]
     assert claims["ikfac_error"] < tolerance
@@ -22,11 +23,26 @@ def test_natural_gradient_notebook_shows_ikfac_reaching_the_damped_inverse_and_k
     assert claims["kfac_final_loss"] * 3 < claims["gd_final_loss"]
     assert claims["kfac_cosine"] > claims["gradient_cosine"] + 0.01
     assert 1 <= claims["ikfac_iterations_to_tolerance"] <= 120
+    # the output side: C C^T reaches (G + lambda I)^-1, in the notebook and in the library
+    assert claims["ikfac_error_C"] < tolerance
+    assert claims["library_error_C"] < tolerance
+    # SINGD's coupled factors reach their fixed point; IKFAC and SINGD train 3x below GD
+    assert claims["singd_fixed_point_distance"] < tolerance
+    assert 1 <= claims["singd_iterations_to_tolerance"] <= 120
+    assert claims["ikfac_final_loss"] * 3 < claims["gd_final_loss"]
+    assert claims["singd_final_loss"] * 3 < claims["gd_final_loss"]
+    assert [r["structure"] for r in claims["structures"]] == ["dense", "diagonal"]
+    dense, diagonal = claims["structures"]
+    assert all(r["final_loss"] * 3 < claims["gd_final_loss"] for r in (dense, diagonal))
+    assert diagonal["factor_bytes"] * 2 < dense["factor_bytes"]  # 216 against 720 bytes
+    assert 1 <= claims["diverged_iteration"] <= 50
     assert [r["label"] for r in out["runs"]] == [
         "GD, lr 1",
         "NGD, lr 1",
         "KFAC, lr 0.5",
         "KFAC, lr 1",
+        "IKFAC, lr 1",
+        "SINGD, lr 1",
     ]
     assert (tmp_path / "01_natural_gradient.ipynb").is_file()
 
