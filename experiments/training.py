@@ -207,11 +207,13 @@ class RunSpec:
             ``optimizer_options={"structures": ...}`` (give it in one place only).
         lr_cov_warmup: for SINGD/IKFAC, ramp ``lr_cov`` (default 1e-2) linearly from
             ``lr_cov / lr_cov_warmup`` to ``lr_cov`` over this many optimizer steps (0: off).
-        fallback: for kfac/singd/ikfac, who trains the parameters outside ``nn.Linear`` /
-            ``nn.Conv2d`` layers (LayerNorm, positional embeddings, ``nn.MultiheadAttention``):
-            "builtin" (default): the optimizer's own first-order fallback (heavy-ball SGD);
-            "adamw": a separate ``torch.optim.AdamW`` with the same ``lr`` (torch defaults
-            otherwise), stepped right after the main optimizer; its state is counted in
+        fallback: for kfac/singd/ikfac, who trains the parameters the optimizer does not
+            precondition (LayerNorm, positional embeddings, ...): "builtin" (default): the
+            optimizer's own first-order fallback (its ``fallback`` option, AdamW unless
+            ``optimizer_options`` says otherwise); "adamw": a separate
+            ``torch.optim.AdamW`` with the same ``lr`` (torch defaults otherwise) for every
+            parameter outside ``nn.Linear`` / ``nn.Conv2d`` layers (so also attention and
+            embeddings), stepped right after the main optimizer; its state is counted in
             ``state_bytes["adamw_fallback"]`` and it is ``result.fallback_optimizer``.
         record: attach a ``diagnostics.Recorder`` (every ``record_every`` steps); the
             Recording comes back as ``result.recording``.
