@@ -99,3 +99,48 @@ def test_singd_preconditions_each_workload_and_its_loss_falls(name):
     assert set(opt.preconditioner_factors()) == set(
         find_layers(w.model, w.model.parameters(), LAYER_KINDS).layers
     )
+
+
+def _train_singd(name: str, steps: int, bf16: bool, compensated: bool) -> tuple[dict, dict]:
+    """Train workload ``name`` with SINGD's defaults (lr 1e-3) for ``steps`` steps on its
+    first batches; returns the parameters before and after (name -> tensor)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    w = build_real_workload(name)
+    if bf16:
+        w.model.to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in w.model.named_parameters()}
+    opt = SINGD(w.model, compensated=compensated, warn_unsupported=False)
+    for i in range(steps):
+        x, y = w.train[i % len(w.train)]
+        x = x.to(torch.bfloat16) if bf16 and x.is_floating_point() else x
+        opt.zero_grad()
+        w.loss_fn(w.model, x, y).float().backward()
+        opt.step()
+    return before, {n: p.detach() for n, p in w.model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "precision", ["fp32", "bf16-pure+compensated"], ids=["fp32", "bf16-compensated"]
+)
+@pytest.mark.parametrize("name", sorted(REAL_WORKLOADS))
+def test_every_parameter_tensor_moves_under_singd_defaults(name, precision):
+    """With SINGD's defaults (lr 1e-3, AdamW fallback) every parameter tensor changes within
+    8 steps, the norm weights that start at 1.0 included; in pure bf16 that needs
+    ``compensated=True``: a step of about lr = 1e-3 is below half an ulp of 1.0 (2^-8 below,
+    2^-7 above), so plain bf16 rounds it away (next test)."""
+    bf16 = precision != "fp32"
+    before, after = _train_singd(name, 8, bf16=bf16, compensated=bf16)
+    still = [n for n in before if torch.equal(before[n], after[n])]
+    assert still == []
+    assert all(torch.isfinite(p.float()).all() for p in after.values())
+
+
+@pytest.mark.parametrize("name", sorted(REAL_WORKLOADS))
+def test_plain_bf16_loses_the_norm_weight_updates_that_compensation_keeps(name):
+    """The control: the same 8 steps in pure bf16 without compensation leave the weights
+    that start at exactly 1.0 (LayerNorm, RMSNorm, BatchNorm) where they were."""
+    before, after = _train_singd(name, 8, bf16=True, compensated=False)
+    ones = [n for n, p in before.items() if bool((p == 1).all())]
+    assert ones, "each workload has norm weights initialised to 1.0"
+    assert [n for n in ones if not torch.equal(before[n], after[n])] == []
