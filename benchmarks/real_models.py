@@ -24,7 +24,7 @@ torch's AdamW has no such option).
 
 Usage::
 
-    python benchmarks/real_models.py --quick   # about 5-6 min on one thread (see --help)
+    python benchmarks/real_models.py --quick   # about 7 min on one thread (see --help)
     python benchmarks/real_models.py           # full mode: about 3 h on one thread
     python benchmarks/real_models.py --workloads llama --steps 3 --lrs 0.01 --no-write
 
@@ -707,7 +707,7 @@ def _parser() -> argparse.ArgumentParser:
     """The command line (``--help`` says what ``--quick`` cuts)."""
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="--quick (about 5-6 min on one thread) cuts: 1 seed instead of 3; 40 steps "
+        epilog="--quick (about 7 min on one thread) cuts: 1 seed instead of 3; 40 steps "
         "instead of 200; lr grid " + str(list(QUICK_LRS)) + " instead of " + str(list(FULL_LRS))
         + "; bf16-autocast and bf16-pure (uncompensated) only on llama and vit (fp32 and "
         "bf16-pure+comp on every workload); robustness grid on llama only, 30 steps per run "
