@@ -88,12 +88,13 @@ def spectral_bound(m: StructuredMatrix) -> Tensor:
 def _reach(m: StructuredMatrix, beta: float | Tensor, guard: float) -> float:
     """``beta`` times a bound on ``||m||_2``: the Frobenius norm where that already shows the
     step within ``guard`` (the common case: a few ops), else :func:`spectral_bound`."""
-    tensors = m._tensors()
-    if len(tensors) == 1 and not isinstance(m, TriangularToeplitz):
-        cheap = tensors[0].norm()  # the stored entries are the entries, each once
-    else:
+    if isinstance(m, TriangularToeplitz):  # stored entries repeat along the diagonals
         cheap = m.frobenius_norm()
-    reach = float(beta * cheap.float())
+    else:  # every entry is stored (at least) once: the stored tensors' norm bounds ||m||_F
+        tensors = m._tensors()
+        norms = torch._foreach_norm(tensors)
+        cheap = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    reach = float(beta * float(cheap))
     if reach <= guard:
         return reach
     return float(beta * spectral_bound(m))
