@@ -263,8 +263,7 @@ def diagonal_steps(
         F.addcmul_(F, m.mul_(beta), value=-1.0)  # K <- K - beta1 / max(1, |m|_inf) K m
     else:
         if guard is not None:
-            betas = torch.full((2 * n,), lr_cov, dtype=torch.float32, device=device)
-            _guard_diagonal(m, ids, betas, guard, observe, n)
+            _guard_diagonal(m, ids, lr_cov, guard, observe, n)
         F.addcmul_(F, m, value=-lr_cov)  # K <- K - beta1 K m
     torch._foreach_copy_(f, F.split(lengths))
     return list(F.square_().split(lengths))
@@ -273,14 +272,18 @@ def diagonal_steps(
 def _guard_diagonal(
     m: Tensor,
     ids: Tensor,
-    betas: Tensor,
+    betas: Tensor | float,
     guard: float,
     observe: Callable[[int, str, float], None] | None,
     n: int,
 ) -> None:
     """Shrink, in place, the segments of ``m`` whose ``beta max|m|`` (the spectral norm of a
     diagonal matrix) exceeds ``guard`` to reach it exactly (one host read; nothing changes
-    where no factor exceeds it)."""
+    where no factor exceeds it). ``betas``: one per factor, or one for all."""
+    if isinstance(betas, float):
+        if float(m.abs().max()) * betas <= guard:  # no factor reaches the guard
+            return
+        betas = torch.full((2 * n,), betas, dtype=torch.float32, device=m.device)
     peaks = torch.zeros(2 * n, dtype=torch.float32, device=m.device)
     reach = peaks.scatter_reduce_(0, ids, m.abs().float(), "amax").mul_(betas)
     if not float(reach.max()) > guard:
