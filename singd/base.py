@@ -525,9 +525,14 @@ class KroneckerOptimizer(Optimizer):
         step = self._step
         configs = self._group_configs() if configs is None else configs
         self._capture.attach(
-            n for n, st in self._layers.items() if step % configs[id(st.group)].T == 0
+            n for n, st in self._layers.items() if self._due(configs[id(st.group)], step)
         )
         self._capture.clear_fired()
+
+    @staticmethod
+    def _due(cfg: Any, step: int) -> bool:
+        """Whether a group with config ``cfg`` updates its preconditioner at ``step``."""
+        return step % cfg.T == 0
 
     def remove_hooks(self) -> None:
         """Remove all hooks from the model (the factors then stay as they are)."""

@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     **FIRST_ORDER_DEFAULTS,
     "grafting": None,
     "guard": 0.5,
+    "warmup_steps": None,
+    "warmup_lr_cov": 0.1,
 }
 #: Valid values of ``grafting``.
 GRAFTINGS: tuple[str | None, ...] = (None, "adam")
@@ -121,6 +123,9 @@ def validate_hyperparameters(h: dict[str, Any]) -> dict[str, Any]:
     for key in ("kfac_like", "normalize_lr_cov", "warn_unsupported"):
         check_bool(key, h[key])
     check_choice("grafting", h["grafting"], GRAFTINGS)
+    if h["warmup_steps"] is not None:
+        check_int("warmup_steps", h["warmup_steps"], low=0, what=" (or None: 20 with grafting)")
+    check_number("warmup_lr_cov", h["warmup_lr_cov"])
     if h["guard"] is not None:
         check_number("guard", h["guard"], low_open=True)
     return h
@@ -147,6 +152,8 @@ class SINGDConfig:
     loss_average: str | None
     grafting: str | None
     guard: float | None
+    warmup_steps: int | None
+    warmup_lr_cov: float
     first_order: FirstOrderConfig
 
     @classmethod
@@ -160,9 +167,23 @@ class SINGDConfig:
         """The effective alpha1 (0 for kfac_like): the Riemannian momentum's weight."""
         return 0.0 if self.kfac_like else self.alpha1
 
+    @property
+    def warmup(self) -> int:
+        """Steps of the preconditioner warm-up (``warmup_steps``; None: 20 with grafting,
+        else 0)."""
+        if self.warmup_steps is None:
+            return 20 if self.grafting is not None else 0
+        return self.warmup_steps
+
     def beta1(self, step: int) -> float:
-        """lr_cov (beta1) at ``step``."""
-        return float(self.lr_cov(step)) if callable(self.lr_cov) else float(self.lr_cov)
+        """lr_cov (beta1) at ``step``: at least ``warmup_lr_cov`` during the warm-up."""
+        beta = float(self.lr_cov(step)) if callable(self.lr_cov) else float(self.lr_cov)
+        return max(beta, self.warmup_lr_cov) if step < self.warmup else beta
+
+    def due(self, step: int) -> bool:
+        """Whether the preconditioner updates at ``step``: every step during the warm-up,
+        then every ``T`` steps."""
+        return step < self.warmup or step % self.T == 0
 
 
 class GuardActivation(NamedTuple):
@@ -263,6 +284,10 @@ class SINGD(KroneckerOptimizer):
       where ``beta1`` times a bound on ``||m_K||_2`` exceeds it, beta1 shrinks to meet it, so
       one update scales K by at most ``1 + guard``; inactive (bit for bit the reference
       update) on small steps. ``guard_activations()`` lists every activation. None: off.
+    * Preconditioner warm-up (``warmup_steps``, ``warmup_lr_cov``): for the first
+      ``warmup_steps`` steps the factors update every step with ``lr_cov`` at least
+      ``warmup_lr_cov`` (0.1), so K and C leave the identity early; None (default) means 20
+      steps with grafting and none without (the reference update).
     * ``compensated=True``: 16-bit parameters are updated with Kahan compensation (a buffer
       of the parameter's dtype), so updates below half an ulp accumulate instead of being
       rounded away (SINGD's update and the fallback's).
@@ -317,6 +342,8 @@ class SINGD(KroneckerOptimizer):
         compensated: bool = DEFAULTS["compensated"],
         grafting: str | None = DEFAULTS["grafting"],
         guard: float | None = DEFAULTS["guard"],
+        warmup_steps: int | None = DEFAULTS["warmup_steps"],
+        warmup_lr_cov: float = DEFAULTS["warmup_lr_cov"],
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -335,6 +362,11 @@ class SINGD(KroneckerOptimizer):
         super().__init__(model, params, defaults)
 
     # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _due(cfg: SINGDConfig, step: int) -> bool:
+        """Whether the group updates its preconditioner at ``step`` (warm-up included)."""
+        return cfg.due(step)
+
     def _parse(self, group: dict[str, Any]) -> SINGDConfig:
         """The group's :class:`SINGDConfig`."""
         return SINGDConfig.parse(group)
@@ -458,7 +490,7 @@ class SINGD(KroneckerOptimizer):
         due = []
         for name, st in self._layers.items():
             cfg = configs[id(st.group)]
-            if step % cfg.T != 0:
+            if not cfg.due(step):
                 continue
             if st.acc_K is None or st.acc_C is None:
                 self._check_unfired(name, st)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from optimizer_helpers import batch, flat, mlp, train
 from torch import nn
@@ -131,3 +132,31 @@ def test_spectral_bound_bounds_the_spectral_norm_of_every_structure():
         m = cls.from_dense(A + A.T)
         bound = spectral_bound(m).item()
         assert torch.linalg.matrix_norm(m.to_dense(), 2).item() <= bound * (1 + 1e-5), name
+
+
+def test_warmup_updates_the_preconditioner_every_step_with_a_larger_lr_cov_then_every_T():
+    model = mlp()
+    opt = SINGD(model, T=10, lr_cov=0.01, warmup_steps=3, warmup_lr_cov=0.1)
+    cfg = opt._config(opt.param_groups[0])
+    assert [cfg.due(s) for s in range(12)] == [True] * 3 + [False] * 7 + [True, False]
+    assert cfg.beta1(2) == 0.1 and cfg.beta1(3) == 0.01
+    changed = []
+    for t in range(12):
+        before = opt.preconditioner_factors()["0"].factors["K"].dense()
+        train(model, opt, 1, data=lambda _: batch(t))  # noqa: B023
+        after = opt.preconditioner_factors()["0"].factors["K"].dense()
+        changed.append(not torch.equal(before, after))
+    assert changed == [True] * 3 + [False] * 7 + [True, False]
+
+
+def test_warmup_is_on_by_default_only_with_grafting():
+    def warmup(**hyper):
+        opt = SINGD(mlp(), **hyper)
+        return opt._config(opt.param_groups[0]).warmup
+
+    assert warmup() == 0
+    assert warmup(grafting="adam") == 20
+    assert warmup(grafting="adam", warmup_steps=0) == 0
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            SINGD(mlp(), warmup_steps=bad)

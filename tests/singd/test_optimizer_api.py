@@ -46,6 +46,8 @@ def test_import_and_argument_names_match_the_reference_package():
         "compensated",
         "grafting",
         "guard",
+        "warmup_steps",
+        "warmup_lr_cov",
     ]
     defaults = {
         k: v.default for k, v in inspect.signature(SINGD).parameters.items() if k in DEFAULTS
@@ -74,6 +76,8 @@ def test_import_and_argument_names_match_the_reference_package():
         "compensated": False,
         "grafting": None,
         "guard": 0.5,
+        "warmup_steps": None,
+        "warmup_lr_cov": 0.1,
     }
 
 
