@@ -10,6 +10,7 @@ is always stopped, also when a test fails.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import secrets
@@ -131,14 +132,17 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def lab_server(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
-    """A JupyterLab serving a tiny copy of notebook 03, with every Jupyter folder in tmp."""
+@contextlib.contextmanager
+def serve_lab(
+    notebook: Path, tiny: dict[str, Any], base: Path, wait: float = 90
+) -> Iterator[LabServer]:
+    """A ``jupyter lab`` on a free local port with a random token, serving a copy of
+    ``notebook`` with the parameters ``tiny``, every Jupyter folder under ``base``; the
+    server is stopped on exit, also when a test fails."""
     if not JUPYTER.exists():
         pytest.fail(f"{JUPYTER} not found: install the project with the notebooks extra")
-    base = tmp_path_factory.mktemp("jupyterlab")
     root = base / "root"
-    tiny_copy(NOTEBOOK, root / NOTEBOOK.name, TINY)
+    tiny_copy(notebook, root / notebook.name, tiny)
     for plugin, values in LAB_SETTINGS.items():
         path = base / "settings" / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +170,7 @@ def lab_server(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> 
         )
     server = LabServer(f"http://127.0.0.1:{port}", token, root, log)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + wait
         while True:
             try:
                 with urllib.request.urlopen(f"{server.url}/api/status?token={token}", timeout=2):
@@ -175,11 +179,18 @@ def lab_server(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 if proc.poll() is not None:
                     pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{server.log_tail()}")
                 if time.monotonic() > deadline:
-                    pytest.fail(f"jupyter lab did not answer in 90 s:\n{server.log_tail()}")
+                    pytest.fail(f"jupyter lab did not answer in {wait:g} s:\n{server.log_tail()}")
                 time.sleep(0.5)
         yield server
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def lab_server(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """A JupyterLab serving a tiny copy of notebook 03, with every Jupyter folder in tmp."""
+    with serve_lab(NOTEBOOK, TINY, tmp_path_factory.mktemp("jupyterlab")) as server:
+        yield server
 
 
 def _dashboard_state(output: Any) -> dict[str, Any]:

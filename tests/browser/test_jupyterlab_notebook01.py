@@ -9,11 +9,6 @@ so that Run All takes a few seconds. The server is always stopped, also when a t
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +16,9 @@ import pytest
 from test_jupyterlab import (
     DONE_JS,
     IDLE_JS,
-    JUPYTER,
-    LAB_SETTINGS,
     REPO,
     LabServer,
-    _free_port,
-    _stop,
-    tiny_copy,
+    serve_lab,
 )
 
 pytestmark = pytest.mark.browser
@@ -75,52 +66,8 @@ SECTION_JS = """heading => {
 @pytest.fixture(scope="module")
 def lab_01(chromium_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     """A JupyterLab serving a small copy of notebook 01, with every Jupyter folder in tmp."""
-    if not JUPYTER.exists():
-        pytest.fail(f"{JUPYTER} not found: install the project with the notebooks extra")
-    base = tmp_path_factory.mktemp("jupyterlab01")
-    root = base / "root"
-    tiny_copy(NOTEBOOK, root / NOTEBOOK.name, TINY)
-    for plugin, values in LAB_SETTINGS.items():
-        path = base / "settings" / f"{plugin}.jupyterlab-settings"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values))
-    env = dict(
-        os.environ,
-        JUPYTER_CONFIG_DIR=str(base / "config"),
-        JUPYTER_DATA_DIR=str(base / "data"),
-        JUPYTER_RUNTIME_DIR=str(base / "runtime"),
-        JUPYTERLAB_SETTINGS_DIR=str(base / "settings"),
-        JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"),
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("JUPYTER_PATH", None)
-    port, token = _free_port(), secrets.token_hex(16)
-    cmd = [
-        str(JUPYTER), "lab", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-        "--no-browser", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}",
-        "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-    ]  # fmt: skip
-    log = base / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = LabServer(f"http://127.0.0.1:{port}", token, root, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{server.url}/api/status?token={token}", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{server.log_tail()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"jupyter lab did not answer in 60 s:\n{server.log_tail()}")
-                time.sleep(0.5)
+    with serve_lab(NOTEBOOK, TINY, tmp_path_factory.mktemp("jupyterlab01"), wait=60) as server:
         yield server
-    finally:
-        _stop(proc)
 
 
 def test_notebook_01_runs_all_in_jupyterlab_and_shows_the_singd_section(
