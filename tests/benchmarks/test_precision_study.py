@@ -1,30 +1,16 @@
 """Tests for benchmarks/precision_study.py: storage formulas and a --quick MLP run."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from singd.structures import structure
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def study():
-    # the scripts import their sibling results_md, as `python benchmarks/x.py` would find it
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "precision_study", ROOT / "benchmarks" / "precision_study.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["precision_study"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def study(load_benchmark):
+    return load_benchmark("precision_study", "precision_study")
 
 
 @pytest.mark.parametrize(

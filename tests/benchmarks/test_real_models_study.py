@@ -1,32 +1,18 @@
 """Tests for benchmarks/real_models.py: its smallest configuration end to end and the lr choice."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def study():
-    # the script imports its sibling results_md, as `python benchmarks/real_models.py` would
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "real_models_study", ROOT / "benchmarks" / "real_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["real_models_study"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def study(load_benchmark):
+    return load_benchmark("real_models", "real_models_study")
 
 
 SMALLEST = [

@@ -1,24 +1,11 @@
 """Tests for benchmarks/step_time.py: the T=10 cycle split, the batch option and a tiny run."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def step_time():
-    # the scripts import their sibling results_md, as `python benchmarks/x.py` would find it
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_time"] = module
-    spec.loader.exec_module(module)
-    return module
+def step_time(load_benchmark):
+    return load_benchmark("step_time", "step_time")
 
 
 def test_cycle_times_split_the_update_phase_from_the_others(step_time):
