@@ -57,17 +57,20 @@ def test_grafting_makes_the_step_size_independent_of_the_gradient_scale():
     assert math.isclose(steps[0], steps[1], rel_tol=1e-3)
 
 
-def test_grafting_trains_and_reaches_adamw_loss_at_adamws_lr():
-    """At AdamW's lr the grafted run is no worse than AdamW's (the one-line replacement)."""
+def test_grafting_at_adamws_lr_trains_like_adamw_where_plain_singd_crawls():
+    """On one fixed batch at AdamW's lr the grafted run fits about as well as AdamW (0.34 vs
+    0.31 here) and far better than ungrafted SINGD at that lr (0.87), the one-line switch."""
+    fixed = batch(0)
     losses = {}
-    for name in ("adamw", "graft"):
+    for name in ("adamw", "graft", "plain"):
         model = mlp()
         if name == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
         else:
-            opt = SINGD(model, lr=1e-2, grafting="adam")
-        losses[name] = sum(train(model, opt, 60)[-10:]) / 10
-    assert losses["graft"] < 1.5 * losses["adamw"], losses
+            opt = SINGD(model, lr=1e-2, grafting="adam" if name == "graft" else None)
+        losses[name] = sum(train(model, opt, 60, data=lambda t: fixed)[-5:]) / 5  # noqa: B023
+    assert losses["graft"] < 2 * losses["adamw"], losses
+    assert losses["graft"] < 0.6 * losses["plain"], losses
 
 
 def test_guard_is_inactive_on_small_steps_so_the_trajectory_is_the_unguarded_one():
