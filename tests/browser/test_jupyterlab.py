@@ -210,6 +210,26 @@ def _dashboard_state(output: Any) -> dict[str, Any]:
     )
 
 
+def run_all_cells(page: Any, url: str, start_ms: int, run_ms: int) -> None:
+    """Open the notebook at ``url``, wait for an idle kernel, run every cell from the Run menu
+    as a person would, and assert that every cell ran and none wrote a traceback."""
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=start_ms)
+    page.wait_for_function(IDLE_JS, timeout=start_ms)  # kernel started and idle
+    page.locator("#jp-menu-panel .lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-item:visible", has_text="Run All Cells").first.click()
+    page.wait_for_function(DONE_JS, timeout=run_ms)
+    prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_text_contents()
+    errors = page.locator(
+        ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+    ).all_text_contents()
+    tracebacks = [e for e in errors if "Traceback" in e or "Error" in e]
+    assert all(p.strip().startswith("[") and p.strip()[1:-2].isdigit() for p in prompts), (
+        f"not every cell ran: {prompts}\n" + "\n".join(tracebacks)
+    )
+    assert tracebacks == []
+
+
 def test_notebook_03_runs_in_jupyterlab_and_its_dashboard_answers_the_layer_dropdown(
     lab_server, watched_page, tmp_path
 ):
@@ -217,23 +237,7 @@ def test_notebook_03_runs_in_jupyterlab_and_its_dashboard_answers_the_layer_drop
     w = watched_page(allow=(host + "/",), viewport={"width": 1500, "height": 1000})
     page = w.page
     try:
-        page.goto(lab_server.lab_url(NOTEBOOK.name), wait_until="domcontentloaded")
-        page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=60_000)
-        page.wait_for_function(IDLE_JS, timeout=60_000)  # kernel started and idle
-
-        # Run menu > Run All Cells, as a person would
-        page.locator("#jp-menu-panel .lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-item:visible", has_text="Run All Cells").first.click()
-        page.wait_for_function(DONE_JS, timeout=120_000)
-        prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_text_contents()
-        errors = page.locator(
-            ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
-        ).all_text_contents()
-        tracebacks = [e for e in errors if "Traceback" in e or "Error" in e]
-        assert all(p.strip().startswith("[") and p.strip()[1:-2].isdigit() for p in prompts), (
-            f"not every cell ran: {prompts}\n" + "\n".join(tracebacks)
-        )
-        assert tracebacks == []
+        run_all_cells(page, lab_server.lab_url(NOTEBOOK.name), start_ms=60_000, run_ms=120_000)
 
         # the dashboard: ipywidgets controls and plotly FigureWidgets inside one output
         dash = page.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-dropdown"))

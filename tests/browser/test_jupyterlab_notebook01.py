@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 from test_jupyterlab import (
-    DONE_JS,
-    IDLE_JS,
     REPO,
     LabServer,
+    run_all_cells,
     serve_lab,
 )
 
@@ -77,23 +76,7 @@ def test_notebook_01_runs_all_in_jupyterlab_and_shows_the_singd_section(
     w = watched_page(allow=(host + "/",), viewport={"width": 1500, "height": 1000})
     page = w.page
     try:
-        page.goto(lab_01.lab_url(NOTEBOOK.name), wait_until="domcontentloaded")
-        page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=45_000)
-        page.wait_for_function(IDLE_JS, timeout=45_000)  # kernel started and idle
-
-        # Run menu > Run All Cells, as a lecturer would
-        page.locator("#jp-menu-panel .lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-item:visible", has_text="Run All Cells").first.click()
-        page.wait_for_function(DONE_JS, timeout=60_000)
-        prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_text_contents()
-        errors = page.locator(
-            ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
-        ).all_text_contents()
-        tracebacks = [e for e in errors if "Traceback" in e or "Error" in e]
-        assert all(p.strip().startswith("[") and p.strip()[1:-2].isdigit() for p in prompts), (
-            f"not every cell ran: {prompts}\n" + "\n".join(tracebacks)
-        )
-        assert tracebacks == []
+        run_all_cells(page, lab_01.lab_url(NOTEBOOK.name), start_ms=45_000, run_ms=60_000)
 
         # under the SINGD heading: its fixed-point figure, the loss plot and the claim's text
         page.wait_for_function(
