@@ -170,6 +170,20 @@ def _transformers():
     return transformers
 
 
+def _language_workload(
+    name: str, model: nn.Module, seed: int, batches: int, batch_size: int, loss: Callable
+) -> RealWorkload:
+    """A language-model workload: ``batches`` training batches of the Markov language and two
+    evaluation batches from another seed."""
+    return RealWorkload(
+        name,
+        model,
+        language_batches(batches, batch_size, seed),
+        language_batches(2, batch_size, seed + 1000),
+        loss,
+    )
+
+
 def build_llama(seed: int = 0, batch_size: int = 16, batches: int = 8) -> RealWorkload:
     """A 2-layer Llama causal LM (hidden 64, 4 heads, 2 key/value heads) on the Markov
     language."""
@@ -186,13 +200,7 @@ def build_llama(seed: int = 0, batch_size: int = 16, batches: int = 8) -> RealWo
         tie_word_embeddings=False,
     )
     model = tf.LlamaForCausalLM(config)
-    return RealWorkload(
-        "llama",
-        model,
-        language_batches(batches, batch_size, seed),
-        language_batches(2, batch_size, seed + 1000),
-        hf_lm_loss,
-    )
+    return _language_workload("llama", model, seed, batches, batch_size, hf_lm_loss)
 
 
 def build_gpt2(seed: int = 0, batch_size: int = 16, batches: int = 8) -> RealWorkload:
@@ -213,25 +221,13 @@ def build_gpt2(seed: int = 0, batch_size: int = 16, batches: int = 8) -> RealWor
         eos_token_id=VOCAB - 1,
     )
     model = tf.GPT2LMHeadModel(config)
-    return RealWorkload(
-        "gpt2",
-        model,
-        language_batches(batches, batch_size, seed),
-        language_batches(2, batch_size, seed + 1000),
-        hf_lm_loss,
-    )
+    return _language_workload("gpt2", model, seed, batches, batch_size, hf_lm_loss)
 
 
 def build_mha_lm(seed: int = 0, batch_size: int = 16, batches: int = 8) -> RealWorkload:
     """:class:`MHALanguageModel` (2 layers, dim 64) on the Markov language."""
     torch.manual_seed(seed)
-    return RealWorkload(
-        "mha-lm",
-        MHALanguageModel(),
-        language_batches(batches, batch_size, seed),
-        language_batches(2, batch_size, seed + 1000),
-        lm_loss,
-    )
+    return _language_workload("mha-lm", MHALanguageModel(), seed, batches, batch_size, lm_loss)
 
 
 def build_vit(seed: int = 0, batch_size: int = 32, batches: int = 8) -> RealWorkload:

@@ -176,20 +176,10 @@ def test_flight_recorder_saves_the_factors_at_a_recorded_error():
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     opt = SINGD(model, lr=1e-2)
     rec = Recorder(opt, model, every=1, workers=0)
-    _train_plain(model, opt, rec, 3)
+    _steps(model, opt, rec, 3)
     rec.record_error(RuntimeError("boom"), layer="2")
     assert {s.step for s in rec.recording.snapshots} == {0, 1, 2, 3}  # 3 kept + the error's
     assert rec.recording.errors["kind"].item() == "Linear 5→3"
-
-
-def _train_plain(model, opt, rec, n):
-    x, y = _xy()
-    for _ in range(n):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        rec.step(loss=loss)
 
 
 def test_loading_a_file_with_errors_among_the_events_moves_them_to_the_errors_table(tmp_path):
